@@ -1,0 +1,110 @@
+"""Validation of user input, run at trace time so it costs nothing per jitted call."""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._jit import lean_jit
+
+
+LOSSES = ("mse", "ce")
+PARAM_TYPES = ("sp", "mupc", "ntp")
+MODES = ("supervised", "unsupervised")
+
+
+def check_option(name: str, value: Any, options: Sequence[str]) -> None:
+    """Raise a `ValueError` unless `value` is one of the strings in `options`."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}.")
+
+
+def check_sequence(name: str, value: Any) -> None:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"`{name}` must be a list of per-layer entries, got {type(value).__name__}."
+        )
+
+
+def check_model(model: Any, skip_model: Any = None) -> None:
+    """Check that `model` is a non-empty list and `skip_model` lines up with it."""
+    check_sequence("model", model)
+    if len(model) == 0:
+        raise ValueError("`model` must contain at least one layer, got an empty list.")
+    if skip_model is not None:
+        check_sequence("skip_model", skip_model)
+        if len(skip_model) != len(model):
+            raise ValueError(
+                f"`skip_model` must have one entry per layer of `model` "
+                f"({len(model)}), got {len(skip_model)} entries."
+            )
+
+
+def check_activities(model: Any, activities: Any, supervised: bool) -> None:
+    """Check the number of activity arrays: `L` when supervised, `L + 1` if not."""
+    check_sequence("activities", activities)
+    expected = len(model) if supervised else len(model) + 1
+    if len(activities) != expected:
+        mode = "supervised (`x` given)" if supervised else "unsupervised (`x=None`)"
+        raise ValueError(
+            f"`activities` must have {expected} entries for a {len(model)}-layer "
+            f"model in {mode} mode, got {len(activities)}."
+        )
+
+
+def check_batch(y: Any, x: Any, activities: Any, y_name="y", x_name="x") -> None:
+    """Check that `y`, `x` and every activity array share the batch size."""
+    batch = np.shape(y)[0] if np.ndim(y) > 0 else None
+    if batch is None:
+        raise ValueError(f"`{y_name}` must have a leading batch axis, got a scalar.")
+    if x is not None and (np.ndim(x) == 0 or np.shape(x)[0] != batch):
+        raise ValueError(
+            f"`{x_name}` and `{y_name}` must have the same batch size, got "
+            f"{x_name}.shape={np.shape(x)} and {y_name}.shape={np.shape(y)}."
+        )
+    for i, z in enumerate(activities):
+        if np.ndim(z) == 0 or np.shape(z)[0] != batch:
+            raise ValueError(
+                f"`activities[{i}]` must have batch size {batch} like `{y_name}`, got "
+                f"shape {np.shape(z)}."
+            )
+
+
+def check_shape(name: str, received: Any, expected_shape: tuple, what: str) -> None:
+    if np.shape(received) != tuple(expected_shape):
+        raise ValueError(
+            f"`{name}` has shape {np.shape(received)} but {what} has shape "
+            f"{tuple(expected_shape)}."
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def traced_floats(*names: str) -> Callable[[Callable], Callable]:
+    """Jit `fn` (like `eqx.filter_jit`), passing the keyword arguments `names` traced.
+
+    `eqx.filter_jit` treats Python floats as static, so every new value would
+    recompile. Non-zero Python numbers given for `names` are turned into NumPy
+    scalars (traced arrays); an exact `0` stays static so that a switched-off
+    regulariser is left out of the compiled program. The jit is `lean_jit` (`_jit.py`),
+    whose per-call overhead is small.
+    """
+
+    def decorator(fn: Callable) -> Callable:
+        jitted = lean_jit(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for name in names:
+                value = kwargs.get(name)
+                if _is_number(value) and value != 0:
+                    kwargs[name] = np.asarray(value, dtype=float)
+            return jitted(*args, **kwargs)
+
+        wrapper.jitted = jitted  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorator

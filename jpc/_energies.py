@@ -1,0 +1,172 @@
+"""The standard predictive-coding energy (SPEC §3.1)."""
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from ._checks import LOSSES, check_activities, check_batch, check_model, check_option
+from ._layers import (
+    check_output,
+    get_param_scalings,
+    layer_inputs,
+    layer_predictions,
+    weight_leaves,
+)
+from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
+from ._utils import LOSS_FNS
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == 0
+
+
+def regulariser(
+    model: Any,
+    free_activities: Activities,
+    weight_decay: Scalar = 0.0,
+    spectral_penalty: Scalar = 0.0,
+    activity_decay: Scalar = 0.0,
+) -> Any:
+    r"""$\frac{\lambda_w}{2}\sum\lVert W\rVert^2 + \frac{\lambda_s}{2}\sum\lVert W^\top
+    W - I\rVert^2 + \frac{\lambda_z}{2}\sum_l \mathrm{mean}_i\lVert z_{l,i}\rVert^2$.
+
+    Terms whose coefficient is a literal `0` are left out of the program.
+    """
+    total = 0.0
+    weights = weight_leaves(model)
+    if not _is_zero(weight_decay):
+        total += 0.5 * weight_decay * sum(jnp.sum(w**2) for w in weights)
+    if not _is_zero(spectral_penalty):
+        matrices = [jnp.reshape(w, (w.shape[0], -1)) for w in weights]
+        total += (
+            0.5
+            * spectral_penalty
+            * sum(
+                jnp.sum((w.T @ w - jnp.eye(w.shape[1], dtype=w.dtype)) ** 2)
+                for w in matrices
+            )
+        )
+    if not _is_zero(activity_decay) and free_activities:
+        batch = free_activities[0].shape[0]
+        sq_norms = sum(jnp.sum(z**2) for z in free_activities)
+        total += 0.5 * activity_decay * sq_norms / batch
+    return total
+
+
+def check_energy_inputs(params, activities, y, x, loss, param_type) -> None:
+    """Trace-time checks shared by every function of the standard PC energy."""
+    check_option("loss", loss, LOSSES)
+    check_option("param_type", param_type, ("sp", "mupc", "ntp"))
+    if not isinstance(params, (tuple, list)) or len(params) != 2:
+        raise TypeError(
+            "`params` must be the pair `(model, skip_model)`, got "
+            f"{type(params).__name__}."
+        )
+    model, skip_model = params
+    check_model(model, skip_model)
+    check_activities(model, activities, supervised=x is not None)
+    check_batch(y, x, activities)
+
+
+def layer_energies(
+    params: Params,
+    activities: Activities,
+    y: Array,
+    x: Array | None,
+    loss: str,
+    param_type: str,
+    gamma: Any = None,
+    output_energy_scaling: Any = None,
+) -> list[Array]:
+    """Energies `[E_1, ..., E_L]` of each layer (batch means, no regulariser)."""
+    model, skip_model = params
+    inputs, names = layer_inputs(activities, x)
+    scalings = get_param_scalings(
+        model, inputs[0], skip_model=skip_model, param_type=param_type, gamma=gamma
+    )
+    preds = layer_predictions(model, skip_model, scalings, inputs, names)
+    check_output(y, preds[-1])
+    batch = y.shape[0]
+    energies = []
+    for i, (pred, z) in enumerate(zip(preds[:-1], inputs[1:])):
+        if z.shape != pred.shape:
+            raise ValueError(
+                f"`{names[i + 1]}` has shape {z.shape} but `model[{i}]` predicts "
+                f"shape {pred.shape}."
+            )
+        energies.append(0.5 * jnp.sum((z - pred) ** 2) / batch)
+    output_energy = LOSS_FNS[loss](preds[-1], y)
+    if output_energy_scaling is not None:
+        output_energy = output_energy_scaling * output_energy
+    return [*energies, output_energy]
+
+
+def record_order(energies: list) -> list:
+    """Reorder `[E_1, ..., E_L]` into the compatible `[E_L, E_2, ..., E_{L-1}, E_1]`."""
+    if len(energies) == 1:
+        return energies
+    return [energies[-1], *energies[1:-1], energies[0]]
+
+
+def pc_energy_fn(
+    params: Params,
+    activities: Activities,
+    y: Float[Array, "batch ..."],
+    *,
+    x: Float[Array, "batch ..."] | None = None,
+    loss: LossId = "mse",
+    param_type: ParamType = "sp",
+    weight_decay: Scalar = 0.0,
+    spectral_penalty: Scalar = 0.0,
+    activity_decay: Scalar = 0.0,
+    record_layers: bool = False,
+    gamma: Scalar | None = None,
+    output_energy_scaling: Scalar | None = None,
+) -> Float[Array, ""] | Float[Array, " layers"]:
+    r"""Batch-mean predictive-coding energy $\mathcal{F}$ (SPEC §3.1).
+
+    $$\mathcal{F} = \frac{1}{B}\sum_i\Big[\frac{\lambda}{2}\lVert y_i
+    - a_L f_L(z_{L-1,i})\rVert^2 + \sum_{l<L}\frac{1}{2}\lVert z_{l,i}
+    - a_l f_l(z_{l-1,i})
+    - s_l(z_{l-1,i})\rVert^2\Big] + R,$$
+
+    with $z_0 = x$ when `x` is given (supervised) and a free latent otherwise.
+
+    **Arguments:**
+
+    - `params`: `(model, skip_model)`; `model` is a list of per-example layers.
+    - `activities`: `[z_1, ..., z_L]` (supervised) or `[z_0, ..., z_L]`
+        (unsupervised); the last entry is never read (the output is clamped to `y`).
+    - `y`: target clamping the top layer, `(batch, ...)`.
+    - `x`: optional input clamping the bottom layer; `None` for unsupervised.
+    - `loss`: `"mse"` or `"ce"` (cross-entropy on the logits $a_L f_L$) output term.
+    - `param_type`: `"sp"`, `"mupc"` or `"ntp"` (see [`jpc.get_param_scalings`][]).
+    - `weight_decay`, `spectral_penalty`: coefficients of
+        $\frac{1}{2}\sum\lVert W\rVert^2$ and $\frac{1}{2}\sum\lVert W^\top W -
+        I\rVert^2$ over every `weight` array in `model`, however deeply nested.
+    - `activity_decay`: coefficient of $\frac{1}{2}\sum_l \mathrm{mean}_i
+        \lVert z_{l,i}\rVert^2$ over the free activities.
+    - `record_layers`: return the per-layer energies instead of their sum.
+    - `gamma`: optional output scaling; $a_L$ is divided by it.
+    - `output_energy_scaling`: output precision $\lambda$ (default 1).
+
+    **Returns:**
+
+    A scalar; with `record_layers=True`, an array of per-layer energies (each
+    divided by `B`, regulariser excluded) ordered `[E_L, E_2, ..., E_{L-1}, E_1]`
+    (output first, input last — the order of the JPC library).
+
+    **Raises:**
+
+    `ValueError` if `loss` or `param_type` is unknown, the list lengths do not
+    match the model, or batch and feature sizes do not fit.
+    """
+    check_energy_inputs(params, activities, y, x, loss, param_type)
+    energies = layer_energies(
+        params, activities, y, x, loss, param_type, gamma, output_energy_scaling
+    )
+    if record_layers:
+        return jnp.stack(record_order(energies))
+    free = list(activities[:-1])
+    reg = regulariser(params[0], free, weight_decay, spectral_penalty, activity_decay)
+    return sum(energies) + reg

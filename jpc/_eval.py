@@ -1,0 +1,189 @@
+"""Evaluation helpers and energies along an inference trajectory."""
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from ._energies import check_energy_inputs, layer_energies
+from ._infer import solve
+from ._init import init_activities_from_normal
+from ._layers import check_output, feedforward, get_param_scalings
+from ._types import (
+    Activities,
+    Array,
+    Float,
+    LossId,
+    Model,
+    Params,
+    ParamType,
+    Scalar,
+    SkipModel,
+)
+from ._utils import LOSS_FNS, compute_accuracy
+
+
+def infer_energies(
+    params,
+    activities_iters,
+    t_max,
+    y,
+    x,
+    loss,
+    param_type,
+    gamma=None,
+    output_energy_scaling=None,
+) -> Array:
+    """Per-layer energies `(L, T)`, rows in layer order, NaN after `t_max`."""
+
+    def at(activities):
+        energies = layer_energies(
+            params, activities, y, x, loss, param_type, gamma, output_energy_scaling
+        )
+        return jnp.stack(energies)
+
+    energies = jax.vmap(at)(list(activities_iters)).T
+    steps = jnp.arange(energies.shape[1])
+    return jnp.where(steps[None, :] <= t_max, energies, jnp.nan)
+
+
+@eqx.filter_jit
+def compute_infer_energies(
+    params: Params,
+    activities_iters: Activities,
+    t_max: int | Array,
+    y: Float[Array, "batch ..."],
+    *,
+    x: Float[Array, "batch ..."] | None = None,
+    loss: LossId = "mse",
+    param_type: ParamType = "sp",
+    weight_decay: Scalar = 0.0,
+    spectral_penalty: Scalar = 0.0,
+    activity_decay: Scalar = 0.0,
+) -> Float[Array, "layers time"]:
+    """Energy of every layer at every recorded state of an inference trajectory.
+
+    **Arguments:**
+
+    - `params`: `(model, skip_model)`.
+    - `activities_iters`: activities with a leading time axis (from
+        [`jpc.solve_inference`][] with `record_iters=True`).
+    - `t_max`: index of the last valid state (see [`jpc.get_t_max`][]).
+    - `y`, `x`, `loss`, `param_type`: as for [`jpc.pc_energy_fn`][].
+    - `weight_decay`, `spectral_penalty`, `activity_decay`: accepted for
+        compatibility; the per-layer energies exclude the regulariser.
+
+    **Returns:**
+
+    An `(L, T)` array whose row `l - 1` is $E_l$ (layer order `1..L`, unlike
+    `record_layers`); columns after `t_max` are NaN. Every recorded step is kept.
+    """
+    del weight_decay, spectral_penalty, activity_decay
+    first = [a[0] for a in activities_iters]
+    check_energy_inputs(params, first, y, x, loss, param_type)
+    return infer_energies(params, activities_iters, t_max, y, x, loss, param_type)
+
+
+def _feedforward_prediction(model, input, skip_model, param_type, gamma=None):
+    check_model(model, skip_model)
+    scalings = get_param_scalings(
+        model, input, skip_model=skip_model, param_type=param_type, gamma=gamma
+    )
+    return feedforward(model, input, skip_model, scalings)[-1]
+
+
+@traced_floats("gamma")
+def test_discriminative_pc(
+    model: Model,
+    output: Float[Array, "batch classes"],
+    input: Float[Array, "batch ..."],
+    *,
+    skip_model: SkipModel = None,
+    loss: LossId = "mse",
+    param_type: ParamType = "sp",
+    gamma: Scalar | None = None,
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """Loss and accuracy of the feedforward prediction of a discriminative network.
+
+    **Arguments:**
+
+    - `model`, `skip_model`, `param_type`, `gamma`: the network.
+    - `output`: one-hot targets; `input`: the data.
+    - `loss`: `"mse"` or `"ce"`.
+
+    **Returns:**
+
+    `(loss, accuracy_percent)`.
+    """
+    check_option("loss", loss, LOSSES)
+    check_batch(output, input, [], y_name="output", x_name="input")
+    preds = _feedforward_prediction(model, input, skip_model, param_type, gamma)
+    check_output(output, preds, "output")
+    return LOSS_FNS[loss](preds, output), compute_accuracy(output, preds)
+
+
+@traced_floats("sigma", "weight_decay", "spectral_penalty", "activity_decay")
+def test_generative_pc(
+    model: Model,
+    output: Float[Array, "batch ..."],
+    input: Float[Array, "batch classes"],
+    key: Array,
+    layer_sizes,
+    batch_size: int,
+    *,
+    skip_model: SkipModel = None,
+    loss_id: LossId = "mse",
+    param_type: ParamType = "sp",
+    sigma: Scalar = 0.05,
+    ode_solver: dfx.AbstractSolver = dfx.Heun(),
+    max_t1: float = 500,
+    dt: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
+        rtol=1e-3, atol=1e-3
+    ),
+    weight_decay: Scalar = 0.0,
+    spectral_penalty: Scalar = 0.0,
+    activity_decay: Scalar = 0.0,
+) -> tuple[Float[Array, ""], Float[Array, "batch ..."]]:
+    """Evaluate a generative network (label → data) by inferring its input.
+
+    Starting from random activities (see [`jpc.init_activities_from_normal`][]),
+    inference with the observation `output` clamped finds the latent $z_0$, whose
+    argmax is scored against the labels `input`.
+
+    **Arguments:**
+
+    - `model`, `skip_model`, `param_type`, `loss_id`: the network and its energy.
+    - `output`: observations (e.g. images); `input`: one-hot labels.
+    - `key`, `layer_sizes`, `batch_size`, `sigma`: random initialisation.
+    - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: inference ODE options.
+    - `weight_decay`, `spectral_penalty`, `activity_decay`: energy options.
+
+    **Returns:**
+
+    `(input_accuracy_percent, output_predictions)`, the latter the network's
+    feedforward prediction of the data from the true labels `input`.
+    """
+    check_batch(output, input, [], y_name="output", x_name="input")
+    activities = init_activities_from_normal(
+        key, layer_sizes, "unsupervised", batch_size, sigma
+    )
+    args = (
+        (model, skip_model),
+        output,
+        None,
+        loss_id,
+        param_type,
+        weight_decay,
+        spectral_penalty,
+        activity_decay,
+    )
+    equilibrium = solve(args, activities, ode_solver, max_t1, dt, stepsize_controller)
+    input_acc = compute_accuracy(input, equilibrium[0][-1])
+    output_preds = _feedforward_prediction(model, input, skip_model, param_type)
+    return input_acc, output_preds
+
+
+test_discriminative_pc.__test__ = False  # type: ignore[attr-defined]
+test_generative_pc.__test__ = False  # type: ignore[attr-defined]

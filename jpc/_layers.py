@@ -1,0 +1,168 @@
+"""Shared machinery: layer scalings, applying a layer, layer inputs and weights.
+
+Every energy, initialisation and training function goes through these helpers,
+so scalings and skips are applied the same way everywhere.
+"""
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+from ._checks import PARAM_TYPES, check_model, check_option, check_shape
+from ._types import Activities, Array, Float, Layer, Model, ParamType, SkipModel
+
+
+def weight_leaves(tree: Any) -> list[Array]:
+    """Every array leaf stored under an attribute called `weight`, at any depth."""
+    leaves = []
+    for path, leaf in jtu.tree_flatten_with_path(tree)[0]:
+        key = path[-1] if path else None
+        if isinstance(key, jtu.GetAttrKey) and key.name == "weight":
+            if isinstance(leaf, (jax.Array, np.ndarray)):
+                leaves.append(leaf)
+    return leaves
+
+
+def _fan_in(layer: Layer, name: str) -> int:
+    for weight in weight_leaves(layer):
+        if weight.ndim >= 2:
+            return math.prod(weight.shape[1:])
+    raise ValueError(
+        f"`{name}` exposes no `weight` array (searched its attributes at any depth), "
+        "so its width cannot be read for `param_type='mupc'` or `'ntp'`."
+    )
+
+
+def get_param_scalings(
+    model: Model,
+    input: Float[Array, "batch ..."] | None,
+    *,
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    gamma: Any = None,
+) -> list[Any]:
+    r"""Per-layer scalings $a_l$ of the parameterisation `param_type` (SPEC §3.3).
+
+    | `param_type` | $a_1$ | hidden $a_l$ | hidden $a_l$ with a skip | $a_L$ |
+    |---|---|---|---|---|
+    | `"sp"` | 1 | 1 | 1 | 1 |
+    | `"mupc"` | $1/\sqrt{D}$ | $1/\sqrt{N}$ | $1/\sqrt{NL}$ | $1/N$ |
+    | `"ntp"` | $1/\sqrt{D}$ | $1/\sqrt{N}$ | $1/\sqrt{NL}$ | $1/\sqrt{N}$ |
+
+    $D$ is the size of one example of `input` (in unsupervised mode pass the latent
+    activities $z_0$, or `None` to read it from the first layer's weight); $N$ is the
+    fan-in of the layer's own `weight` (the hidden width for [`jpc.make_mlp`][]
+    models); $L$ is the number of layers. A one-layer model gets the first-layer rule.
+
+    **Arguments:**
+
+    - `model`: list of per-example layers; for `"mupc"`/`"ntp"` every layer must
+        hold a `weight` array somewhere inside it.
+    - `input`: `(batch, ...)` input, or `None`.
+    - `skip_model`: optional list of skip callables (`None` entries for no skip).
+    - `param_type`: `"sp"`, `"mupc"` or `"ntp"`.
+    - `gamma`: optional output scaling; $a_L$ is divided by it.
+
+    **Returns:**
+
+    A list of `L` scalars (Python floats unless `gamma` is an array).
+
+    **Raises:**
+
+    `ValueError` for an unknown `param_type` or a layer without a weight.
+    """
+    check_option("param_type", param_type, PARAM_TYPES)
+    check_model(model, skip_model)
+    n_layers = len(model)
+    scalings: list[Any] = [1.0] * n_layers
+    if param_type != "sp":
+        if input is not None:
+            in_dim = math.prod(np.shape(input)[1:])
+        else:
+            in_dim = _fan_in(model[0], "model[0]")
+        scalings[0] = 1 / math.sqrt(in_dim)
+        for i in range(1, n_layers - 1):
+            width = _fan_in(model[i], f"model[{i}]")
+            skip = skip_model is not None and skip_model[i] is not None
+            scalings[i] = 1 / math.sqrt(width * n_layers if skip else width)
+        if n_layers > 1:
+            width = _fan_in(model[-1], f"model[{n_layers - 1}]")
+            scalings[-1] = 1 / width if param_type == "mupc" else 1 / math.sqrt(width)
+    if gamma is not None:
+        scalings[-1] = scalings[-1] / gamma
+    return scalings
+
+
+def _is_one(scale: Any) -> bool:
+    return isinstance(scale, (int, float)) and scale == 1
+
+
+def predict(
+    layer: Layer, skip: Layer | None, scale: Any, z: Array, name: str = "input"
+) -> Array:
+    """Batched prediction `scale * layer(z) + skip(z)` of one PC layer."""
+    try:
+        pred = jax.vmap(layer)(z)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"The layer could not be applied to `{name}` of per-example shape "
+            f"{tuple(np.shape(z)[1:])}: {err}"
+        ) from err
+    if not _is_one(scale):
+        pred = scale * pred
+    if skip is not None:
+        pred = pred + jax.vmap(skip)(z)
+    return pred
+
+
+def skip_at(skip_model: SkipModel, i: int) -> Layer | None:
+    return None if skip_model is None else skip_model[i]
+
+
+def layer_inputs(
+    activities: Activities, x: Array | None
+) -> tuple[list[Array], list[str]]:
+    """Inputs of layers `1..L` and their names for error messages.
+
+    Supervised: `[x, z_1, ..., z_{L-1}]`; unsupervised: `[z_0, ..., z_{L-1}]`.
+    """
+    hidden = list(activities[:-1])
+    names = [f"activities[{i}]" for i in range(len(hidden))]
+    if x is None:
+        return hidden, names
+    return [x, *hidden], ["x", *names]
+
+
+def layer_predictions(
+    model: Model, skip_model: SkipModel, scalings: list, inputs: list, names: list
+) -> list[Array]:
+    return [
+        predict(layer, skip_at(skip_model, i), scalings[i], z, name)
+        for i, (layer, z, name) in enumerate(zip(model, inputs, names))
+    ]
+
+
+def feedforward(
+    model: Model,
+    x: Array,
+    skip_model: SkipModel = None,
+    scalings: list | None = None,
+    name: str = "input",
+) -> list[Array]:
+    """Activities of a feedforward pass from `x`: `[z_1, ..., z_L]`."""
+    scalings = [1.0] * len(model) if scalings is None else scalings
+    activities = []
+    z = x
+    for i, layer in enumerate(model):
+        z = predict(layer, skip_at(skip_model, i), scalings[i], z, name)
+        activities.append(z)
+        name = f"the output of model[{i}]"
+    return activities
+
+
+def check_output(y: Array, prediction: Array, y_name: str = "y") -> None:
+    check_shape(y_name, y, jnp.shape(prediction), "the prediction of the last layer")

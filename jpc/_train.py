@@ -1,0 +1,352 @@
+"""High-level, jit-compiled training steps: `make_pc_step` and `make_bp_step`."""
+
+from typing import Any, Literal, TypedDict
+
+import diffrax as dfx
+import equinox as eqx
+import jax.numpy as jnp
+import optax
+
+from ._checks import LOSSES, check_model, check_option, traced_floats
+from ._eval import infer_energies
+from ._grads import vector_field_args
+from ._infer import solve
+from ._init import init_activities_from_normal
+from ._layers import feedforward, get_param_scalings
+from ._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
+from ._updates import ENERGY_FLOATS, discrete_inference, param_step
+from ._utils import (
+    LOSS_FNS,
+    compute_accuracy,
+    compute_activity_norms,
+    compute_param_norms,
+    get_t_max,
+)
+from ._variants._nudging import NUDGINGS, check_beta, nudged_param_step
+
+
+class PCStepResult(TypedDict):
+    """Result of [`jpc.make_pc_step`][]; metrics that were not requested are `None`."""
+
+    model: Any
+    skip_model: Any
+    opt_state: optax.OptState
+    loss: Array | None
+    acc: Array | None
+    activities: list[Array]
+    t_max: Array | None
+    energies: Array | None
+    activity_norms: Array | None
+    model_param_norms: list[Array] | None
+    skip_model_param_norms: list[Array] | None
+    model_grad_norms: list[Array] | None
+    skip_model_grad_norms: list[Array] | None
+
+
+class BPStepResult(TypedDict):
+    """Result of [`jpc.make_bp_step`][]."""
+
+    model: Any
+    skip_model: Any
+    opt_state: optax.OptState
+    loss: Array
+
+
+def check_inference_options(activity_optim, n_inference_steps) -> None:
+    """`activity_optim` and `n_inference_steps` come together or not at all."""
+    if (activity_optim is None) != (n_inference_steps is None):
+        raise ValueError(
+            "`activity_optim` and `n_inference_steps` must be given together for "
+            f"discrete inference, got activity_optim={activity_optim!r} and "
+            f"n_inference_steps={n_inference_steps!r}."
+        )
+    if n_inference_steps is not None and (
+        not isinstance(n_inference_steps, int) or n_inference_steps < 1
+    ):
+        raise ValueError(
+            "`n_inference_steps` must be a positive integer, got "
+            f"{n_inference_steps!r}."
+        )
+
+
+def initial_activities(model, skip_model, output, input, param_type, gamma, random):
+    """Feedforward activities (supervised) or random normal ones (unsupervised).
+
+    `random` is `(key, layer_sizes, batch_size, sigma)`. Returns the activities and
+    the feedforward prediction (`None` when unsupervised).
+    """
+    if input is not None:
+        scalings = get_param_scalings(
+            model, input, skip_model=skip_model, param_type=param_type, gamma=gamma
+        )
+        activities = feedforward(model, input, skip_model, scalings)
+        return activities, activities[-1]
+    key, layer_sizes, batch_size, sigma = random
+    missing = [
+        n for n, v in zip(("key", "layer_sizes", "batch_size"), random) if v is None
+    ]
+    if missing:
+        raise ValueError(
+            "Unsupervised mode (`input=None`) draws random activities and needs "
+            f"`key`, `layer_sizes` and `batch_size`; missing: {', '.join(missing)}."
+        )
+    activities = init_activities_from_normal(
+        key, layer_sizes, "unsupervised", batch_size, sigma
+    )
+    return activities, None
+
+
+def infer(params, activities, output, input, ode, discrete, record, energy_kwargs):
+    """Inference on either path; returns `(trajectory, final, t_max)`.
+
+    `ode` is `(solver, max_t1, dt, controller, record_every)`; `discrete` is
+    `(optim, n_steps)` or `None`. The trajectory has a leading time axis.
+    """
+    if discrete is not None:
+        optim, n_steps = discrete
+        final, trajectory = discrete_inference(
+            params, activities, optim, n_steps, output, input, record, **energy_kwargs
+        )
+        if not record:
+            return [z[None] for z in final], final, None
+        return trajectory, final, jnp.asarray(n_steps - 1)
+    solver, max_t1, dt, controller, record_every = ode
+    args = vector_field_args(params, output, input, **energy_kwargs)
+    trajectory = solve(
+        args,
+        activities,
+        solver,
+        max_t1,
+        dt,
+        controller,
+        record_iters=record and record_every is None,
+        record_every=record_every if record else None,
+    )
+    if not record:
+        return trajectory, [z[-1] for z in trajectory], None
+    # Recorded rows are followed by `inf` padding; the final state is the last row.
+    t_max = get_t_max(trajectory)
+    return trajectory, [z[t_max] for z in trajectory], t_max
+
+
+def _norms(requested: bool, tree) -> list | None:
+    return compute_param_norms(tree) if requested and tree is not None else None
+
+
+@traced_floats(*ENERGY_FLOATS, "sigma", "beta")
+def make_pc_step(
+    model: Model,
+    optim: optax.GradientTransformation,
+    opt_state: optax.OptState,
+    output: Float[Array, "batch ..."],
+    *,
+    input: Float[Array, "batch ..."] | None = None,
+    loss_id: LossId = "mse",
+    param_type: ParamType = "sp",
+    ode_solver: dfx.AbstractSolver = dfx.Heun(),
+    max_t1: float = 20,
+    dt: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
+        rtol=1e-3, atol=1e-3
+    ),
+    skip_model: SkipModel = None,
+    weight_decay: Scalar = 0.0,
+    spectral_penalty: Scalar = 0.0,
+    activity_decay: Scalar = 0.0,
+    key: Array | None = None,
+    layer_sizes=None,
+    batch_size: int | None = None,
+    sigma: Scalar = 0.05,
+    record_activities: bool = False,
+    record_energies: bool = False,
+    record_every: float | None = None,
+    activity_norms: bool = False,
+    param_norms: bool = False,
+    grad_norms: bool = False,
+    calculate_accuracy: bool = False,
+    activity_optim: optax.GradientTransformation | None = None,
+    n_inference_steps: int | None = None,
+    gamma: Scalar | None = None,
+    output_energy_scaling: Scalar | None = None,
+    nudging: Literal["positive", "negative", "centred"] | None = None,
+    beta: Scalar = 0.1,
+) -> PCStepResult:
+    """One predictive-coding training step: inference, then a parameter update.
+
+    Flow: initialise the activities (feedforward from `input`, or random normal
+    with `key`, `layer_sizes`, `batch_size`, `sigma` when `input=None`) → loss of
+    the feedforward prediction → inference (an ODE solve by default; with
+    `activity_optim` and `n_inference_steps`, that many optax steps fused into the
+    same compiled program) → parameter gradients at the final inferred state → one
+    `optim` update of `(model, skip_model)`.
+
+    **Arguments:**
+
+    - `model`, `skip_model`: the network (see [`jpc.make_mlp`][],
+        [`jpc.make_skip_model`][]).
+    - `optim`, `opt_state`: parameter optimiser and its state, made with
+        `optim.init((eqx.filter(model, eqx.is_array), skip_model))`.
+    - `output`, `input`: targets `y` and optional input `x`.
+    - `loss_id`, `param_type`, `weight_decay`, `spectral_penalty`,
+        `activity_decay`, `gamma`, `output_energy_scaling`: energy options (see
+        [`jpc.pc_energy_fn`][]). Floats are traced: new values do not recompile.
+    - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`, `record_every`: ODE
+        inference options (see [`jpc.solve_inference`][]).
+    - `activity_optim`, `n_inference_steps`: discrete inference instead.
+    - `nudging`, `beta`: weight the output energy by ±β instead of 1 and scale the
+        parameter gradient g at the inferred state back: `"positive"` g(β)/β,
+        `"negative"` g(−β)/(−β), `"centred"` (g(β) − g(−β))/(2β) (two inference
+        phases, equilibrium propagation); see the nudging page. `beta` is traced.
+    - `record_activities`, `record_energies`: return the inference trajectory and
+        the per-layer energies along it.
+    - `activity_norms`, `param_norms`, `grad_norms`, `calculate_accuracy`:
+        optional metrics.
+
+    **Returns:**
+
+    A dict with keys `model, skip_model, opt_state, loss, acc, activities, t_max,
+    energies, activity_norms, model_param_norms, skip_model_param_norms,
+    model_grad_norms, skip_model_grad_norms`; unrequested metrics are `None`.
+    `activities` has a leading time axis (length 1 unless recording).
+
+    **Raises:**
+
+    `ValueError` for bad options or inputs; a runtime error if the energy at the
+    inferred state is not finite.
+    """
+    check_option("loss_id", loss_id, LOSSES)
+    check_model(model, skip_model)
+    check_inference_options(activity_optim, n_inference_steps)
+    if nudging is not None:
+        check_option("nudging", nudging, NUDGINGS)
+        check_beta(beta)
+    params = (model, skip_model)
+    energy_kwargs = dict(
+        loss_id=loss_id,
+        param_type=param_type,
+        weight_decay=weight_decay,
+        spectral_penalty=spectral_penalty,
+        activity_decay=activity_decay,
+        gamma=gamma,
+        output_energy_scaling=output_energy_scaling,
+    )
+    activities, prediction = initial_activities(
+        model,
+        skip_model,
+        output,
+        input,
+        param_type,
+        gamma,
+        (key, layer_sizes, batch_size, sigma),
+    )
+    record = record_activities or record_energies
+    ode = (ode_solver, max_t1, dt, stepsize_controller, record_every)
+    discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    if nudging is None:
+        trajectory, final, t_max = infer(
+            params, activities, output, input, ode, discrete, record, energy_kwargs
+        )
+        energy, new_model, new_skip, grads, opt_state = param_step(
+            params, final, optim, opt_state, output, input, **energy_kwargs
+        )
+    else:
+        first_phase, *update = nudged_param_step(
+            lambda kw: infer(
+                params, activities, output, input, ode, discrete, record, kw
+            ),
+            params,
+            optim,
+            opt_state,
+            output,
+            input,
+            energy_kwargs,
+            nudging,
+            beta,
+        )
+        energy, new_model, new_skip, grads, opt_state = update
+        trajectory, final, t_max, output_energy_scaling = first_phase
+    new_model = eqx.error_if(
+        new_model,
+        ~jnp.isfinite(energy),
+        "make_pc_step: the energy at the inferred activities is not finite.",
+    )
+    supervised = prediction is not None
+    energies = None
+    if record_energies:
+        energies = infer_energies(
+            params,
+            trajectory,
+            t_max,
+            output,
+            input,
+            loss_id,
+            param_type,
+            gamma,
+            output_energy_scaling,
+        )
+    return PCStepResult(
+        model=new_model,
+        skip_model=new_skip,
+        opt_state=opt_state,
+        loss=LOSS_FNS[loss_id](prediction, output) if supervised else None,
+        acc=compute_accuracy(output, prediction)
+        if supervised and calculate_accuracy
+        else None,
+        activities=trajectory,
+        t_max=t_max,
+        energies=energies,
+        activity_norms=compute_activity_norms(final) if activity_norms else None,
+        model_param_norms=_norms(param_norms, new_model),
+        skip_model_param_norms=_norms(param_norms, new_skip),
+        model_grad_norms=_norms(grad_norms, grads[0]),
+        skip_model_grad_norms=_norms(grad_norms, grads[1]),
+    )
+
+
+@eqx.filter_jit
+def make_bp_step(
+    model: Model,
+    optim: optax.GradientTransformation,
+    opt_state: optax.OptState,
+    output: Float[Array, "batch ..."],
+    *,
+    input: Float[Array, "batch ..."],
+    loss_id: LossId = "mse",
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+) -> BPStepResult:
+    """One backprop step on the same list-of-layers model (the baseline).
+
+    The forward pass uses the same scalings and skips as PC; the loss is
+    [`jpc.mse_loss`][] or [`jpc.cross_entropy_loss`][] of its prediction.
+
+    **Arguments:**
+
+    - `model`, `skip_model`, `param_type`: the network.
+    - `optim`, `opt_state`: optimiser and its state, made exactly as for
+        [`jpc.make_pc_step`][].
+    - `output`, `input`: targets and data.
+    - `loss_id`: `"mse"` or `"ce"`.
+
+    **Returns:**
+
+    A dict with the updated `model`, `skip_model`, `opt_state` and the `loss`
+    before the update.
+    """
+    check_option("loss_id", loss_id, LOSSES)
+    check_model(model, skip_model)
+
+    def loss_fn(params):
+        m, s = params
+        scalings = get_param_scalings(m, input, skip_model=s, param_type=param_type)
+        return LOSS_FNS[loss_id](feedforward(m, input, s, scalings)[-1], output)
+
+    params = (model, skip_model)
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
+    updates, opt_state = optim.update(
+        grads, opt_state, eqx.filter(params, eqx.is_array)
+    )
+    model, skip_model = eqx.apply_updates(params, updates)
+    return BPStepResult(
+        model=model, skip_model=skip_model, opt_state=opt_state, loss=loss
+    )

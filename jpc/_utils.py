@@ -1,0 +1,174 @@
+"""Model builders, losses and small metrics."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+
+from ._checks import PARAM_TYPES, check_option
+from ._types import Activities, Array, Float, ParamType, PyTree
+
+
+def _identity(x):
+    return x
+
+
+_ACT_FNS: dict[str, Callable] = {
+    "linear": _identity,
+    "tanh": jnp.tanh,
+    "hard_tanh": jax.nn.hard_tanh,
+    "relu": jax.nn.relu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "gelu": jax.nn.gelu,
+    "selu": jax.nn.selu,
+    "silu": jax.nn.silu,
+}
+
+
+def get_act_fn(name: str | Callable) -> Callable:
+    """The activation function called `name`.
+
+    **Arguments:**
+
+    - `name`: one of `"linear"`, `"tanh"`, `"hard_tanh"`, `"relu"`, `"leaky_relu"`,
+        `"gelu"`, `"selu"`, `"silu"`; a callable is returned unchanged.
+
+    **Returns:**
+
+    The elementwise function.
+
+    **Raises:**
+
+    `ValueError` if `name` is not a known activation.
+    """
+    if callable(name):
+        return name
+    check_option("act_fn", name, tuple(_ACT_FNS))
+    return _ACT_FNS[name]
+
+
+def _check_dim(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def make_mlp(
+    key: Array,
+    input_dim: int,
+    width: int,
+    depth: int,
+    output_dim: int,
+    act_fn: str | Callable,
+    use_bias: bool = False,
+    param_type: ParamType = "sp",
+) -> list[eqx.nn.Sequential]:
+    r"""A multi-layer perceptron as a list of `depth` PC layers.
+
+    Layer $l$ is `eqx.nn.Sequential([Lambda(act), Linear])`, i.e.
+    $f_l(z) = W_l \phi(z) + b_l$, with the identity as the first layer's activation
+    and no activation after the last linear map.
+
+    **Arguments:**
+
+    - `key`: PRNG key for the weights.
+    - `input_dim`, `width`, `output_dim`: input, hidden and output sizes.
+    - `depth`: number of layers `L` (`depth - 1` hidden layers).
+    - `act_fn`: activation name (see [`jpc.get_act_fn`][]) or function.
+    - `use_bias`: whether the linear maps have biases.
+    - `param_type`: `"sp"` keeps Equinox's default initialisation; `"mupc"` and
+        `"ntp"` draw every weight from $\mathcal{N}(0, 1)$ (the scaling is applied
+        in the forward pass by [`jpc.get_param_scalings`][]).
+
+    **Returns:**
+
+    A list of `depth` `eqx.nn.Sequential` layers.
+
+    **Raises:**
+
+    `ValueError` for non-positive sizes, an unknown `act_fn` or `param_type`.
+    """
+    for name, value in [("input_dim", input_dim), ("width", width)]:
+        _check_dim(name, value)
+    _check_dim("depth", depth)
+    _check_dim("output_dim", output_dim)
+    check_option("param_type", param_type, PARAM_TYPES)
+    act = get_act_fn(act_fn)
+    dims = [input_dim] + [width] * (depth - 1) + [output_dim]
+    layers = []
+    for i, layer_key in enumerate(jr.split(key, depth)):
+        init_key, normal_key = jr.split(layer_key)
+        linear = eqx.nn.Linear(dims[i], dims[i + 1], use_bias=use_bias, key=init_key)
+        if param_type != "sp":
+            weight = jr.normal(normal_key, linear.weight.shape, linear.weight.dtype)
+            linear = eqx.tree_at(lambda m: m.weight, linear, weight)
+        activation = eqx.nn.Lambda(_identity if i == 0 else act)
+        layers.append(eqx.nn.Sequential([activation, linear]))
+    return layers
+
+
+def make_skip_model(depth: int) -> list[eqx.nn.Identity | None]:
+    """Identity skip connections for every hidden layer of a `depth`-layer model.
+
+    **Returns:**
+
+    A list of `depth` entries: `None` first and last, `eqx.nn.Identity()` between.
+    """
+    _check_dim("depth", depth)
+    return [None if i in (0, depth - 1) else eqx.nn.Identity() for i in range(depth)]
+
+
+def mse_loss(preds: Float[Array, "batch ..."], labels: Float[Array, "batch ..."]):
+    r"""$\frac{1}{2B}\sum_i \lVert y_i - \hat y_i \rVert^2$ (half the batch mean)."""
+    return 0.5 * jnp.sum((labels - preds) ** 2) / labels.shape[0]
+
+
+def cross_entropy_loss(
+    logits: Float[Array, "batch classes"], labels: Float[Array, "batch classes"]
+):
+    r"""$-\frac{1}{B}\sum_i \sum_k y_{ik} \log \mathrm{softmax}(\hat y_i)_k$."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.sum(labels * log_probs) / labels.shape[0]
+
+
+LOSS_FNS = {"mse": mse_loss, "ce": cross_entropy_loss}
+
+
+def compute_accuracy(
+    truths: Float[Array, "batch classes"], preds: Float[Array, "batch classes"]
+):
+    """Percentage of rows whose argmax agrees between `truths` and `preds`."""
+    hits = jnp.argmax(truths, axis=-1) == jnp.argmax(preds, axis=-1)
+    return 100 * jnp.mean(hits)
+
+
+def get_t_max(activities_iters: Activities):
+    """Index of the last recorded state of a trajectory padded with `inf`.
+
+    **Arguments:**
+
+    - `activities_iters`: activities with a leading time axis, as returned by
+        [`jpc.solve_inference`][] with `record_iters=True` (rows after the last
+        accepted step are `inf`).
+
+    **Returns:**
+
+    A scalar integer array.
+    """
+    first = activities_iters[0]
+    rows = jnp.reshape(first, (first.shape[0], -1))
+    return jnp.sum(~jnp.all(jnp.isinf(rows), axis=1)) - 1
+
+
+def compute_activity_norms(activities: Activities) -> Array:
+    """L2 norm of each activity array (over batch and features), one per layer."""
+    return jnp.stack([jnp.linalg.norm(jnp.ravel(z)) for z in activities])
+
+
+def compute_param_norms(params: PyTree) -> list[Array]:
+    """L2 norm of every array leaf of `params`, in tree-flattening order."""
+    leaves = jtu.tree_leaves(eqx.filter(params, eqx.is_array))
+    return [jnp.linalg.norm(jnp.ravel(leaf)) for leaf in leaves]
