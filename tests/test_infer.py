@@ -1,0 +1,400 @@
+"""Inference (SPEC §4): ODE and discrete paths against an independent Newton solve of
+the reference energy, energy monotonicity, the steady-state stop (§11.1), recording
+(§11.10) and per-layer energies along trajectories (§11.5)."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    assert_trees_close,
+    free_slice,
+    random_problem,
+    ref_activity_grads,
+    ref_equilibrium,
+    ref_layer_energies,
+)
+
+import jpc
+
+
+WIDTHS = [3, 4, 4, 4, 2]
+TIGHT = diffrax.PIDController(rtol=1e-10, atol=1e-10)
+
+
+def solve(p, activities=None, **kw):
+    acts = p.ffwd() if activities is None else activities
+    return jpc.solve_inference(
+        p.params,
+        acts,
+        p.y,
+        input=p.x,
+        loss_id=p.loss,
+        param_type=p.param_type,
+        gamma=p.gamma,
+        **kw,
+    )
+
+
+def final(iters):
+    return [a[-1] for a in iters]
+
+
+def _rms(arrays):
+    flat = jnp.concatenate([a.ravel() for a in arrays])
+    return float(jnp.sqrt(jnp.mean(flat**2)))
+
+
+# ------------------------------------------------------------------ output format
+
+
+def test_solve_inference_default_returns_length_one_time_axis(key):
+    p = random_problem(key, WIDTHS, 3)
+    out = solve(p)
+    assert len(out) == p.L
+    for a, z in zip(out, p.ffwd(), strict=True):
+        assert a.shape == (1,) + z.shape
+    # inference moved the hidden activities and lowered the energy
+    assert float(p.ref(final(out))) < float(p.ref(p.ffwd()))
+
+
+# ------------------------------------------------------------------ equilibrium
+
+
+@pytest.mark.parametrize(
+    "param_type,skip,loss,gamma",
+    [("sp", False, "mse", None), ("mupc", True, "ce", 2.0)],
+)
+def test_ode_reaches_reference_equilibrium(key, param_type, skip, loss, gamma):
+    p = random_problem(
+        key, WIDTHS, 3, skip=skip, param_type=param_type, loss=loss, gamma=gamma
+    )
+    eq = ref_equilibrium(p)
+    out = solve(
+        p,
+        solver=diffrax.Tsit5(),
+        stepsize_controller=TIGHT,
+        max_t1=2000,
+        max_steps=100_000,
+    )
+    for i in free_slice(p):
+        np.testing.assert_allclose(out[i][-1], eq[i], rtol=1e-6, atol=1e-6)
+
+
+def test_ode_equilibrium_with_regularisers_and_lambda(key):
+    p = random_problem(key, WIDTHS, 3, param_type="ntp", skip=True, gamma=0.7)
+    reg = dict(weight_decay=0.1, spectral_penalty=0.1, activity_decay=0.3)
+    eq = ref_equilibrium(p, lam=0.4, **reg)
+    out = solve(
+        p,
+        solver=diffrax.Tsit5(),
+        stepsize_controller=TIGHT,
+        max_t1=2000,
+        max_steps=100_000,
+        output_energy_scaling=0.4,
+        **reg,
+    )
+    for i in free_slice(p):
+        np.testing.assert_allclose(out[i][-1], eq[i], rtol=1e-6, atol=1e-6)
+
+
+def test_ode_constant_step_reaches_equilibrium(key):
+    p = random_problem(key, WIDTHS, 3)
+    eq = ref_equilibrium(p)
+    out = solve(
+        p,
+        solver=diffrax.Heun(),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt=0.05,
+        max_t1=200,
+        max_steps=10_000,
+    )
+    # a constant step has no tolerances: the stop uses 1e-3, so the final state meets
+    # rms(∂F/∂z) < 1e-3 + 1e-3·rms(z) and is much closer to equilibrium than ffwd
+    idx = free_slice(p)
+    last = final(out)
+    g = ref_activity_grads(p, last)
+    assert _rms([g[i] for i in idx]) < 1e-3 + 1e-3 * _rms([last[i] for i in idx])
+    ffwd = p.ffwd()
+    d_end = _rms([last[i] - eq[i] for i in idx])
+    d_start = _rms([ffwd[i] - eq[i] for i in idx])
+    assert d_end < 0.1 * d_start
+
+
+def _discrete(p, optim, n_steps, activities=None, **kw):
+    acts = p.ffwd() if activities is None else list(activities)
+    opt_state = optim.init(acts)
+    energies = []
+    for _ in range(n_steps):
+        res = jpc.update_pc_activities(
+            p.params,
+            acts,
+            optim,
+            opt_state,
+            p.y,
+            input=p.x,
+            loss_id=p.loss,
+            param_type=p.param_type,
+            gamma=p.gamma,
+            **kw,
+        )
+        energies.append(float(res["energy"]))
+        acts, opt_state = list(res["activities"]), res["opt_state"]
+    return acts, np.asarray(energies)
+
+
+@pytest.mark.parametrize("param_type,skip", [("sp", False), ("mupc", True)])
+def test_discrete_and_ode_reach_same_equilibrium(key, param_type, skip):
+    """ODE (tight tolerances) and many small SGD steps agree with each other and
+    with the Newton solution. SGD's lr is proportional to B (gradients scale 1/B)."""
+    B = 3
+    p = random_problem(key, WIDTHS, B, skip=skip, param_type=param_type)
+    eq = ref_equilibrium(p)
+    # smallest Hessian eigenvalue of the batch energy is ~0.03 here: 1500 steps
+    disc, _ = _discrete(p, optax.sgd(0.3 * B), 1500)
+    ode = final(
+        solve(
+            p,
+            solver=diffrax.Tsit5(),
+            stepsize_controller=TIGHT,
+            max_t1=2000,
+            max_steps=100_000,
+        )
+    )
+    for i in free_slice(p):
+        np.testing.assert_allclose(disc[i], eq[i], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(ode[i], disc[i], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "supervised,loss,param_type",
+    [(True, "mse", "sp"), (True, "ce", "mupc"), (False, "mse", "sp")],
+)
+def test_energy_decreases_monotonically_for_small_steps(
+    key, supervised, loss, param_type
+):
+    B = 4
+    p = random_problem(
+        key, WIDTHS, B, supervised, skip=True, loss=loss, param_type=param_type
+    )
+    start = p.ffwd() if supervised else p.activities
+    _, energies = _discrete(p, optax.sgd(0.05 * B), 60, activities=start)
+    assert np.all(np.diff(energies) <= 1e-12), energies
+    assert energies[-1] < energies[0]
+    # the returned pre-step energy is the reference energy at the starting state
+    np.testing.assert_allclose(energies[0], p.ref(start), rtol=1e-10)
+
+
+def test_ode_trajectory_energy_monotone(key):
+    p = random_problem(key, WIDTHS, 3, skip=True, param_type="mupc")
+    iters = solve(
+        p,
+        solver=diffrax.Tsit5(),
+        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+        max_t1=100,
+        record_iters=True,
+        max_steps=2000,
+    )
+    t_max = int(jpc.get_t_max(iters))
+    assert t_max > 2
+    energies = [float(p.ref([a[t] for a in iters])) for t in range(t_max + 1)]
+    assert np.all(np.diff(energies) <= 1e-12), energies
+    np.testing.assert_allclose(energies[0], p.ref(p.ffwd()), rtol=1e-10)
+    for a in iters:
+        assert np.all(np.isfinite(a[: t_max + 1]))
+        assert np.all(np.isinf(a[t_max + 1 :]))
+
+
+def test_unsupervised_ode_lowers_energy(key):
+    p = random_problem(key, WIDTHS, 3, supervised=False, param_type="mupc")
+    out = final(solve(p, activities=p.activities, max_t1=50))
+    assert float(p.ref(out)) < 0.5 * float(p.ref())
+    # z_0 is free in unsupervised mode: it moved
+    assert not np.allclose(out[0], p.activities[0])
+
+
+# ------------------------------------------------------------------ steady state
+
+
+def _steady(p, t1, **kw):
+    return solve(
+        p,
+        solver=diffrax.Euler(),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt=0.5,
+        max_t1=t1,
+        record_iters=True,
+        **kw,
+    )
+
+
+def test_steady_state_stop_fires(key):
+    """§11.1: with 4000 fixed steps available the solve stops long before the end,
+    at a state where rms(∂F/∂z) < atol + rtol·rms(z) (1e-3 for a constant step)."""
+    p = random_problem(key, WIDTHS, 3)
+    iters = _steady(p, 2000, max_steps=4100)
+    t_max = int(jpc.get_t_max(iters))
+    assert t_max < 1000, t_max
+    last = [a[t_max] for a in iters]
+    idx = free_slice(p)
+    g = ref_activity_grads(p, last)
+    assert _rms([g[i] for i in idx]) < 1e-3 + 1e-3 * _rms([last[i] for i in idx])
+    # the previous state had not yet met the criterion (the stop is not premature
+    # by more than one step), checked with a generous margin
+    prev = [a[max(t_max - 5, 0)] for a in iters]
+    gp = ref_activity_grads(p, prev)
+    assert _rms([gp[i] for i in idx]) > 0.5 * (
+        1e-3 + 1e-3 * _rms([prev[i] for i in idx])
+    )
+    # a longer horizon changes nothing: the stop, not t1, ended the solve
+    longer = _steady(p, 4000, max_steps=8100)
+    assert int(jpc.get_t_max(longer)) == t_max
+    assert_trees_close(final([a[: t_max + 1] for a in longer]), last, rtol=1e-12)
+
+
+def test_steady_state_stop_fires_with_adaptive_controller(key):
+    p = random_problem(key, WIDTHS, 3)
+    kw = dict(
+        stepsize_controller=diffrax.PIDController(rtol=1e-4, atol=1e-4),
+        record_iters=True,
+        max_steps=4096,
+    )
+    a = solve(p, max_t1=1e4, **kw)
+    b = solve(p, max_t1=1e6, **kw)
+    ta, tb = int(jpc.get_t_max(a)), int(jpc.get_t_max(b))
+    assert ta == tb
+    assert_trees_close([x[ta] for x in a], [x[tb] for x in b], rtol=1e-12)
+    # default (non-recording) call returns the same final state
+    c = solve(p, max_t1=1e6, stepsize_controller=kw["stepsize_controller"])
+    assert_trees_close([x[0] for x in c], [x[ta] for x in a], rtol=1e-10)
+
+
+def test_max_steps_exceeded_raises(key):
+    p = random_problem(key, WIDTHS, 3)
+    with pytest.raises(Exception, match="max_steps") as info:
+        out = solve(
+            p,
+            stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+            max_t1=1000,
+            max_steps=4,
+        )
+        jax.block_until_ready(out)
+    assert "max_steps" in str(info.value)
+
+
+# ------------------------------------------------------------------ recording
+
+
+def test_record_every_rows(key):
+    """States saved at t = 0, k, 2k, ... plus the final state (SPEC §4.1)."""
+    p = random_problem(key, WIDTHS, 3)
+    kw = dict(solver=diffrax.Tsit5(), stepsize_controller=TIGHT, max_steps=10_000)
+    rec = solve(p, max_t1=6, record_every=2, **kw)
+    n_rows = rec[0].shape[0]
+    assert 4 <= n_rows <= 5  # t = 0, 2, 4, (6), final: never a max_steps buffer
+    assert_trees_close([a[0] for a in rec], p.ffwd(), rtol=1e-12, check_structure=False)
+    at2 = final(solve(p, max_t1=2, **kw))
+    at4 = final(solve(p, max_t1=4, **kw))
+    at6 = final(solve(p, max_t1=6, **kw))
+    for i in free_slice(p):
+        np.testing.assert_allclose(rec[i][1], at2[i], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(rec[i][2], at4[i], rtol=1e-6, atol=1e-7)
+    assert_trees_close(final(rec), at6, rtol=1e-9, check_structure=False)
+
+
+def test_record_every_after_early_stop(key):
+    """After an early stop the final state is kept (as the last valid row, found by
+    get_t_max) and the later rows are inf."""
+    p = random_problem(key, WIDTHS, 3)
+    rec = solve(p, max_t1=10_000, record_every=50, max_steps=10_000)
+    default = final(solve(p, max_t1=10_000, max_steps=10_000))
+    assert rec[0].shape[0] <= 10_000 // 50 + 2
+    t_max = int(jpc.get_t_max(rec))
+    assert t_max < rec[0].shape[0] - 1
+    assert_trees_close(
+        [a[t_max] for a in rec], default, rtol=1e-10, check_structure=False
+    )
+    assert_trees_close([a[0] for a in rec], p.ffwd(), rtol=1e-12, check_structure=False)
+    for a in rec:
+        assert np.all(np.isfinite(a[: t_max + 1]))
+        assert np.all(np.isinf(a[t_max + 1 :]))
+
+
+# ------------------------------------------------------------------ t_max and energies
+
+
+def test_get_t_max():
+    a = jnp.ones((7, 2, 3)).at[5:].set(jnp.inf)
+    b = jnp.ones((7, 2, 4)).at[5:].set(jnp.inf)
+    assert int(jpc.get_t_max([a, b])) == 4
+    c = jnp.ones((7, 2, 3))
+    assert int(jpc.get_t_max([c, c])) == 6
+
+
+@pytest.mark.parametrize("depth", [4, 5])
+@pytest.mark.parametrize("supervised", [True, False])
+def test_compute_infer_energies_order_and_length(key, depth, supervised):
+    """§11.5: rows ordered layer 1..L for depth ≥ 4, no truncation past 500 steps,
+    NaN after t_max."""
+    widths = [3] + [4] * (depth - 1) + [2]
+    p = random_problem(key, widths, 2, supervised, param_type="mupc", skip=True)
+    T, t_max = 620, 560
+    ks = jr.split(jr.PRNGKey(3), len(p.activities))
+    iters = [
+        jr.normal(k, (T,) + a.shape).at[t_max + 1 :].set(jnp.inf)
+        for k, a in zip(ks, p.activities, strict=True)
+    ]
+    tm = jpc.get_t_max(iters)
+    assert int(tm) == t_max
+    got = np.asarray(
+        jpc.compute_infer_energies(p.params, iters, tm, p.y, x=p.x, param_type="mupc")
+    )
+    assert got.shape == (depth, T)
+
+    def layer_E(acts):
+        return jnp.stack(
+            ref_layer_energies(
+                p.model, acts, p.y, x=p.x, skip_model=p.skip_model, scalings=p.scalings
+            )
+        )
+
+    want = np.asarray(jax.vmap(layer_E)([a[: t_max + 1] for a in iters])).T
+    np.testing.assert_allclose(got[:, : t_max + 1], want, rtol=1e-10)
+    assert np.all(np.isnan(got[:, t_max + 1 :]))
+
+
+def test_solve_inference_integrates_neg_pc_activity_grad(key):
+    """solve_inference integrates exactly the exported vector field: compare with a
+    direct diffrax solve of neg_pc_activity_grad at tight tolerances."""
+    p = random_problem(key, WIDTHS, 3, param_type="mupc", skip=True, gamma=1.3)
+    args = (p.params, p.y, p.x, "mse", "mupc", 0.0, 0.0, 0.1, 1.3, 0.8)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(jpc.neg_pc_activity_grad),
+        diffrax.Tsit5(),
+        t0=0.0,
+        t1=3.0,
+        dt0=None,
+        y0=p.ffwd(),
+        args=args,
+        stepsize_controller=TIGHT,
+        max_steps=100_000,
+    )
+    direct = [a[-1] for a in sol.ys]
+    out = final(
+        solve(
+            p,
+            solver=diffrax.Tsit5(),
+            stepsize_controller=TIGHT,
+            max_t1=3,
+            max_steps=100_000,
+            activity_decay=0.1,
+            output_energy_scaling=0.8,
+        )
+    )
+    for i in free_slice(p):
+        np.testing.assert_allclose(out[i], direct[i], rtol=1e-7, atol=1e-9)
+    # and the state really moved over t ∈ [0, 3]
+    assert not np.allclose(out[0], p.ffwd()[0], atol=1e-3)
