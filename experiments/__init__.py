@@ -1,0 +1,1 @@
+"""Runnable experiments for `jpc` (`python -m experiments.<name>`)."""
