@@ -1,0 +1,338 @@
+r"""Bidirectional predictive coding, bPC (Oliviers, Tang & Bogacz 2025; SPEC §6.2).
+
+Two networks share one set of activities $z_0 = x, z_1, \dots, z_H, z_{H+1} = y$
+($H$ hidden layers): the top-down model $f$ predicts each activity from the one
+below, the bottom-up model $g$ each activity from the one above. Entry $j$ of
+`top_down_model` maps $z_j \to z_{j+1}$; entry $j$ of `bottom_up_model` maps
+$z_{j+1} \to z_j$ (so entry 0 predicts $x$ from $z_1$ and the last entry predicts
+$z_H$ from $y$). The energy is
+
+$$\mathcal{F} = \frac{1}{B}\sum_i \sum_{j=0}^{H}\Big[\frac{\alpha_f}{2}
+\lVert z_{j+1,i} - a_{j+1} f_j(z_{j,i}) - s_j(z_{j,i})\rVert^2
++ \frac{\alpha_b}{2}\lVert z_{j,i} - g_j(z_{j+1,i})\rVert^2\Big].$$
+
+The first sum is $\alpha_f$ times the standard PC energy of the top-down model; the
+second is $\alpha_b$ times the standard PC energy of the reversed bottom-up model
+(input $y$, target $x$), which is how it is computed here.
+"""
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from .._checks import (
+    PARAM_TYPES,
+    check_activities,
+    check_batch,
+    check_model,
+    check_option,
+    traced_floats,
+)
+from .._energies import layer_energies
+from .._types import (
+    Activities,
+    Array,
+    Float,
+    Model,
+    ParamType,
+    PyTree,
+    Scalar,
+    SkipModel,
+)
+from ._common import check_pair, optax_update
+
+
+BPC_FLOATS = ("backward_energy_weight", "forward_energy_weight")
+
+
+class BPCActivityUpdate(TypedDict):
+    """Result of [`jpc.update_bpc_activities`][]."""
+
+    energy: Float[Array, ""]
+    activities: list[Array]
+    grads: list[Array]
+    opt_state: optax.OptState
+
+
+class BPCParamUpdate(TypedDict):
+    """Result of [`jpc.update_bpc_params`][]: pairs `(top_down, bottom_up)`."""
+
+    models: tuple[Any, Any]
+    grads: tuple[PyTree, PyTree]
+    opt_states: tuple[optax.OptState, optax.OptState]
+
+
+def _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_model):
+    check_model(top_down_model, skip_model)
+    check_model(bottom_up_model)
+    if len(bottom_up_model) != len(top_down_model):
+        raise ValueError(
+            "`bottom_up_model` must have one layer per layer of `top_down_model` "
+            f"({len(top_down_model)}), got {len(bottom_up_model)}."
+        )
+    check_activities(top_down_model, activities, supervised=x is not None)
+    check_batch(y, x, activities)
+
+
+def _backward_energies(bottom_up_model, activities, y, x, param_type) -> list:
+    """Bottom-up energies in `bottom_up_model` order (entry 0 first)."""
+    bottom = x if x is not None else activities[0]
+    hidden = activities[:-1] if x is not None else activities[1:-1]
+    reversed_model = list(bottom_up_model)[::-1]
+    # The reversed model runs y -> z_H -> ... -> z_1 -> bottom; its last activity
+    # slot is never read, so `bottom` fills it.
+    reversed_activities = [*hidden[::-1], bottom]
+    try:
+        energies = layer_energies(
+            (reversed_model, None), reversed_activities, bottom, y, "mse", param_type
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"`bottom_up_model`, applied from `y` down to the bottom activity: {err}"
+        ) from err
+    return energies[::-1]
+
+
+def bpc_energy_fn(
+    top_down_model: Model,
+    bottom_up_model: Model,
+    activities: Activities,
+    y: Float[Array, "batch ..."],
+    *,
+    x: Float[Array, "batch ..."] | None = None,
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    record_layers: bool = False,
+    backward_energy_weight: Scalar = 1.0,
+    forward_energy_weight: Scalar = 1.0,
+) -> Float[Array, ""] | Float[Array, "2 layers"]:
+    r"""Batch-mean bidirectional PC energy (SPEC §6.2).
+
+    See the module description for the formula: $\alpha_f$ (`forward_energy_weight`)
+    times the top-down prediction errors, output term included, plus $\alpha_b$
+    (`backward_energy_weight`) times the bottom-up prediction errors, input term
+    included; every term is $\frac12\lVert\cdot\rVert^2$ divided by `B`.
+
+    **Arguments:**
+
+    - `top_down_model`: `H + 1` layers, `x → z_1 → … → z_H → y`.
+    - `bottom_up_model`: `H + 1` layers listed from the bottom: entry 0 predicts
+        `x` from `z_1`, entry `j` predicts `z_j` from `z_{j+1}`, the last predicts
+        `z_H` from `y`.
+    - `activities`: `[z_1, ..., z_H, slot]` (supervised) or `[z_0, z_1, ..., z_H,
+        slot]` (unsupervised, `x=None`: the bottom activity `z_0` is free and both
+        networks' terms reach it); the trailing output slot is never read.
+    - `y`: target clamping the top; `x`: input clamping the bottom, or `None`.
+    - `skip_model`: optional skips of the top-down model (the bottom-up model has
+        none).
+    - `param_type`: parameterisation of both networks, each with its own input
+        (`x` for the top-down, `y` for the bottom-up model).
+    - `record_layers`: return the weighted per-layer energies instead of the sum.
+    - `backward_energy_weight`, `forward_energy_weight`: $\alpha_b$, $\alpha_f$.
+
+    **Returns:**
+
+    A scalar; with `record_layers=True` a `(2, H + 1)` array whose row 0 holds the
+    weighted top-down energies in `top_down_model` order and row 1 the weighted
+    bottom-up energies in `bottom_up_model` order, so that column `j` holds the two
+    errors between $z_j$ and $z_{j+1}$; the entries sum to the energy.
+
+    **Raises:**
+
+    `ValueError` for an unknown `param_type`, models of different lengths, a wrong
+    number of activities, or batch and feature sizes that do not fit.
+    """
+    check_option("param_type", param_type, PARAM_TYPES)
+    _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_model)
+    forward = layer_energies(
+        (top_down_model, skip_model), activities, y, x, "mse", param_type
+    )
+    backward = _backward_energies(bottom_up_model, activities, y, x, param_type)
+    if record_layers:
+        return jnp.stack(
+            [
+                forward_energy_weight * jnp.stack(forward),
+                backward_energy_weight * jnp.stack(backward),
+            ]
+        )
+    return forward_energy_weight * sum(forward) + backward_energy_weight * sum(backward)
+
+
+def compute_bpc_activity_grad(
+    top_down_model: Model,
+    bottom_up_model: Model,
+    activities: Activities,
+    y: Float[Array, "batch ..."],
+    *,
+    x: Float[Array, "batch ..."] | None = None,
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    backward_energy_weight: Scalar = 1.0,
+    forward_energy_weight: Scalar = 1.0,
+) -> tuple[Float[Array, ""], list[Array]]:
+    """Energy and its gradient with respect to the activities.
+
+    Arguments as for [`jpc.bpc_energy_fn`][]. The energy is a batch mean, so
+    per-example gradients carry a factor `1/B`.
+
+    **Returns:**
+
+    `(energy, grads)`, `grads` a list like `activities` (zero for the slot).
+    """
+    return jax.value_and_grad(bpc_energy_fn, argnums=2)(
+        top_down_model,
+        bottom_up_model,
+        list(activities),
+        y,
+        x=x,
+        skip_model=skip_model,
+        param_type=param_type,
+        backward_energy_weight=backward_energy_weight,
+        forward_energy_weight=forward_energy_weight,
+    )
+
+
+def _models_value_and_grad(top_down_model, bottom_up_model, activities, y, **kwargs):
+    def energy(models):
+        return bpc_energy_fn(*models, activities, y, **kwargs)
+
+    return eqx.filter_value_and_grad(energy)((top_down_model, bottom_up_model))
+
+
+def compute_bpc_param_grads(
+    top_down_model: Model,
+    bottom_up_model: Model,
+    activities: Activities,
+    y: Float[Array, "batch ..."],
+    *,
+    x: Float[Array, "batch ..."] | None = None,
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    backward_energy_weight: Scalar = 1.0,
+    forward_energy_weight: Scalar = 1.0,
+) -> tuple[PyTree, PyTree]:
+    """Gradients of the bPC energy with respect to both models' parameters.
+
+    Arguments as for [`jpc.bpc_energy_fn`][].
+
+    **Returns:**
+
+    `(top_down_grads, bottom_up_grads)`, shaped like the models (`None` where a
+    leaf is not an array). The skip model is not trained.
+    """
+    return _models_value_and_grad(
+        top_down_model,
+        bottom_up_model,
+        list(activities),
+        y,
+        x=x,
+        skip_model=skip_model,
+        param_type=param_type,
+        backward_energy_weight=backward_energy_weight,
+        forward_energy_weight=forward_energy_weight,
+    )[1]
+
+
+@traced_floats(*BPC_FLOATS)
+def update_bpc_activities(
+    top_down_model: Model,
+    bottom_up_model: Model,
+    activities: Activities,
+    optim: optax.GradientTransformation,
+    opt_state: optax.OptState,
+    output: Float[Array, "batch ..."],
+    *,
+    input: Float[Array, "batch ..."] | None = None,
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    backward_energy_weight: Scalar = 1.0,
+    forward_energy_weight: Scalar = 1.0,
+) -> BPCActivityUpdate:
+    """One optax step of bPC inference on the activities.
+
+    **Arguments:**
+
+    - `top_down_model`, `bottom_up_model`, `activities`, `skip_model`,
+        `param_type`, the weights: as for [`jpc.bpc_energy_fn`][].
+    - `optim`, `opt_state`: optimiser and its state, `optim.init(activities)`.
+    - `output`, `input`: the clamps `y` and `x`.
+
+    **Returns:**
+
+    A dict with `energy` (before the step), `activities` (after it), `grads` and
+    `opt_state`.
+    """
+    energy, grads = compute_bpc_activity_grad(
+        top_down_model,
+        bottom_up_model,
+        activities,
+        output,
+        x=input,
+        skip_model=skip_model,
+        param_type=param_type,
+        backward_energy_weight=backward_energy_weight,
+        forward_energy_weight=forward_energy_weight,
+    )
+    activities, opt_state = optax_update(list(activities), grads, optim, opt_state)
+    return BPCActivityUpdate(
+        energy=energy, activities=activities, grads=grads, opt_state=opt_state
+    )
+
+
+@traced_floats(*BPC_FLOATS)
+def update_bpc_params(
+    top_down_model: Model,
+    bottom_up_model: Model,
+    activities: Activities,
+    optims: Sequence[optax.GradientTransformation],
+    opt_states: Sequence[optax.OptState],
+    output: Float[Array, "batch ..."],
+    *,
+    input: Float[Array, "batch ..."] | None = None,
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    backward_energy_weight: Scalar = 1.0,
+    forward_energy_weight: Scalar = 1.0,
+) -> BPCParamUpdate:
+    """One optax step on both models at the given (inferred) activities.
+
+    **Arguments:**
+
+    - `top_down_model`, `bottom_up_model`, `activities`, `skip_model`,
+        `param_type`, the weights: as for [`jpc.bpc_energy_fn`][].
+    - `optims`: `(top_down_optim, bottom_up_optim)`.
+    - `opt_states`: their states, each `optim.init(eqx.filter(model,
+        eqx.is_array))`.
+    - `output`, `input`: the clamps `y` and `x`.
+
+    **Returns:**
+
+    A dict with `models`, `grads` and `opt_states`, each a pair `(top_down,
+    bottom_up)`.
+    """
+    optims = check_pair("optims", optims)
+    opt_states = check_pair("opt_states", opt_states)
+    _, grads = _models_value_and_grad(
+        top_down_model,
+        bottom_up_model,
+        list(activities),
+        output,
+        x=input,
+        skip_model=skip_model,
+        param_type=param_type,
+        backward_energy_weight=backward_energy_weight,
+        forward_energy_weight=forward_energy_weight,
+    )
+    models, states = zip(
+        *(
+            optax_update(model, g, optim, state)
+            for model, g, optim, state in zip(
+                (top_down_model, bottom_up_model), grads, optims, opt_states
+            )
+        )
+    )
+    return BPCParamUpdate(models=tuple(models), grads=grads, opt_states=tuple(states))

@@ -1,0 +1,359 @@
+r"""Hybrid (amortised) predictive coding, hPC (Tschantz et al. 2023; SPEC §6.1).
+
+A *generator* is an ordinary top-down PC network from the prior $z_0$ (e.g. a
+label) to the observation $z_L$ (e.g. an image). An *amortiser* is a bottom-up
+feedforward network of the same depth from the observation to the prior: its layer
+$k$ guesses the generator activity $z_{L-k}$. One training step:
+
+1. the amortiser's feedforward guesses initialise the generator's activities
+   ([`jpc.init_activities_with_amort`][]);
+2. generator inference with the observation clamped at the top, and the prior
+   clamped at the bottom when `input` (the label) is given, else left free;
+3. the generator takes the PC gradient at the equilibrium $z^*$;
+4. the amortiser regresses each guess onto the equilibrium,
+   $\frac1B\sum_i\sum_l\lVert z^*_{l,i} - g_{L-l}(\hat z_{l+1,i})\rVert^2$, each
+   layer fed its own feedforward input $\hat z_{l+1}$ ($\hat z_L$ = the
+   observation), not the equilibrium; the top target is the label when given.
+
+Layouts, in generator order (prior first): amortised activities
+`[ẑ_0, ..., ẑ_{L-1}, prediction]`; equilibrium activities `[z_1, ..., z_L]` when
+the label is given (supervised, `z_0` clamped to it) and `[z_0, ..., z_L]`
+otherwise, exactly as for [`jpc.pc_energy_fn`][].
+"""
+
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import diffrax as dfx
+import equinox as eqx
+import jax.numpy as jnp
+import optax
+
+from .._checks import check_batch, check_model, traced_floats
+from .._eval import infer_energies, test_generative_pc
+from .._infer import solve
+from .._layers import feedforward, layer_predictions, predict
+from .._train import check_inference_options, infer
+from .._types import Activities, Array, Float, Model, PyTree, Scalar
+from .._updates import param_step
+from .._utils import compute_accuracy
+from ._common import check_pair, optax_update
+
+
+GENERATOR_ENERGY = dict(
+    loss_id="mse",
+    param_type="sp",
+    weight_decay=0.0,
+    spectral_penalty=0.0,
+    activity_decay=0.0,
+    gamma=None,
+    output_energy_scaling=None,
+)
+
+
+class HPCStepResult(TypedDict):
+    """Result of [`jpc.make_hpc_step`][]."""
+
+    generator: Any
+    amortiser: Any
+    opt_states: tuple[optax.OptState, optax.OptState]
+    activities: list[Array]
+    t_max: Array | None
+    losses: tuple[Float[Array, ""], Float[Array, ""]]
+    energies: Array | None
+
+
+def _check_pair_of_models(amortiser, generator) -> None:
+    check_model(amortiser)
+    check_model(generator)
+    if len(amortiser) != len(generator):
+        raise ValueError(
+            "`amortiser` must have one layer per layer of `generator` "
+            f"({len(generator)}), got {len(amortiser)}."
+        )
+
+
+def init_activities_with_amort(
+    amortiser: Model,
+    generator: Model,
+    input: Float[Array, "batch ..."],
+) -> list[Float[Array, "batch ..."]]:
+    """Initialise a generator's activities with an amortiser's feedforward guesses.
+
+    **Arguments:**
+
+    - `amortiser`: `L` layers from the observation up to the prior.
+    - `generator`: `L` layers from the prior down to the observation.
+    - `input`: the observation (the amortiser's input), `(batch, ...)`.
+
+    **Returns:**
+
+    `[ẑ_0, ẑ_1, ..., ẑ_{L-1}, ŷ]` in generator order: the amortiser's activities
+    reversed (its last layer's output $\\hat z_0$ first), then the generator's own
+    prediction $\\hat y = f_L(\\hat z_{L-1})$ of the observation as the last slot
+    (never read by the energy). For supervised inference drop the first entry.
+
+    **Raises:**
+
+    `ValueError` if the two models differ in length or sizes do not fit.
+    """
+    _check_pair_of_models(amortiser, generator)
+    check_batch(input, None, [], y_name="input")
+    guesses = feedforward(amortiser, input)[::-1]
+    prediction = predict(generator[-1], None, 1.0, guesses[-1], "the amortised z_{L-1}")
+    return [*guesses, prediction]
+
+
+def _targets(equilib_activities, n_layers, y) -> list:
+    expected = n_layers if y is not None else n_layers + 1
+    if len(equilib_activities) != expected:
+        mode = "with the label `y`" if y is not None else "without a label (`y=None`)"
+        raise ValueError(
+            f"`equilib_activities` must have {expected} entries for a {n_layers}-layer "
+            f"generator {mode}, got {len(equilib_activities)}."
+        )
+    hidden = list(equilib_activities[:-1])
+    return [y, *hidden] if y is not None else hidden
+
+
+def _amortiser_layer_energies(model, equilib_activities, amort_activities, x, y):
+    """`[E_1, ..., E_L]` in amortiser order (layer 1, fed the observation, first)."""
+    check_model(model)
+    n_layers = len(model)
+    if len(amort_activities) != n_layers + 1:
+        raise ValueError(
+            f"`amort_activities` must have {n_layers + 1} entries (as returned by "
+            f"`init_activities_with_amort`), got {len(amort_activities)}."
+        )
+    check_batch(x, y, [*equilib_activities, *amort_activities], y_name="x", x_name="y")
+    targets = _targets(equilib_activities, n_layers, y)[::-1]
+    inputs = [x, *list(amort_activities[1:n_layers])[::-1]]
+    names = ["x"] + [f"amort_activities[{n_layers - k}]" for k in range(1, n_layers)]
+    preds = layer_predictions(model, None, [1.0] * n_layers, inputs, names)
+    energies = []
+    for k, (target, pred) in enumerate(zip(targets, preds)):
+        if jnp.shape(target) != pred.shape:
+            raise ValueError(
+                f"`model[{k}]` predicts shape {pred.shape} but its target (generator "
+                f"activity {n_layers - 1 - k}) has shape {jnp.shape(target)}."
+            )
+        energies.append(jnp.sum((target - pred) ** 2) / x.shape[0])
+    return energies
+
+
+def hpc_energy_fn(
+    model: Model,
+    equilib_activities: Activities,
+    amort_activities: Activities,
+    x: Float[Array, "batch ..."],
+    y: Float[Array, "batch ..."] | None = None,
+    record_layers: bool = False,
+) -> Float[Array, ""] | Float[Array, " layers"]:
+    r"""Amortiser regression loss of hybrid PC (SPEC §6.1).
+
+    $$\mathcal{L} = \frac1B\sum_i\sum_{l=0}^{L-1}\lVert t_{l,i}
+    - g_{L-l}(\hat z_{l+1,i})\rVert^2 \quad(\text{no } \tfrac12),$$
+
+    with targets $t_0 = y$ (the label) when given, else the inferred $z^*_0$, and
+    $t_l = z^*_l$ for $l \ge 1$; $\hat z_L = x$ and the other $\hat z$ are the
+    amortised activities (each layer sees its own feedforward input).
+
+    **Arguments:**
+
+    - `model`: the amortiser, `L` layers from the observation to the prior.
+    - `equilib_activities`: the generator's inferred activities, `[z_1..z_L]` when
+        `y` is given, `[z_0..z_L]` otherwise.
+    - `amort_activities`: as returned by [`jpc.init_activities_with_amort`][].
+    - `x`: the observation (the amortiser's input).
+    - `y`: optional label, the target of the amortiser's last layer.
+    - `record_layers`: return the per-layer terms instead of their sum.
+
+    **Returns:**
+
+    A scalar; with `record_layers=True` an array of the `L` terms in amortiser
+    order (layer 1, fed `x`, first; the prior/label term last).
+
+    **Raises:**
+
+    `ValueError` if the list lengths, batch sizes or shapes do not fit.
+    """
+    energies = _amortiser_layer_energies(
+        model, equilib_activities, amort_activities, x, y
+    )
+    return jnp.stack(energies) if record_layers else sum(energies)
+
+
+def compute_hpc_param_grads(
+    model: Model,
+    equilib_activities: Activities,
+    amort_activities: Activities,
+    x: Float[Array, "batch ..."],
+    y: Float[Array, "batch ..."] | None = None,
+) -> PyTree:
+    """Gradient of [`jpc.hpc_energy_fn`][] with respect to the amortiser.
+
+    **Returns:**
+
+    A pytree shaped like `model` (`None` where a leaf is not an array).
+    """
+    return eqx.filter_grad(hpc_energy_fn)(
+        model, list(equilib_activities), list(amort_activities), x, y
+    )
+
+
+@eqx.filter_jit
+def make_hpc_step(
+    generator: Model,
+    amortiser: Model,
+    optims: Sequence[optax.GradientTransformation],
+    opt_states: Sequence[optax.OptState],
+    output: Float[Array, "batch ..."],
+    *,
+    input: Float[Array, "batch ..."] | None = None,
+    ode_solver: dfx.AbstractSolver = dfx.Heun(),
+    max_t1: float = 300,
+    dt: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
+        rtol=1e-3, atol=1e-3
+    ),
+    record_activities: bool = False,
+    record_energies: bool = False,
+    activity_optim: optax.GradientTransformation | None = None,
+    n_inference_steps: int | None = None,
+) -> HPCStepResult:
+    """One hybrid PC training step (see the module description for the flow).
+
+    **Arguments:**
+
+    - `generator`: `L` PC layers from the prior to the observation.
+    - `amortiser`: `L` layers from the observation to the prior.
+    - `optims`: `(generator_optim, amortiser_optim)`.
+    - `opt_states`: their states: the generator's made as for
+        [`jpc.make_pc_step`][], `optim.init((eqx.filter(generator, eqx.is_array),
+        None))`; the amortiser's `optim.init(eqx.filter(amortiser, eqx.is_array))`.
+    - `output`: the observation (e.g. images), clamping the generator's top.
+    - `input`: optional prior (e.g. one-hot labels): clamps the generator's $z_0$
+        and is the target of the amortiser's last layer; `None` leaves $z_0$ free.
+    - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: ODE inference options
+        (see [`jpc.solve_inference`][]).
+    - `activity_optim`, `n_inference_steps`: discrete inference instead (new, as in
+        [`jpc.make_pc_step`][]).
+    - `record_activities`, `record_energies`: return the inference trajectory and
+        the generator's per-layer energies along it.
+
+    **Returns:**
+
+    A dict with the updated `generator` and `amortiser`, `opt_states` (a pair),
+    `activities` (trajectory with a leading time axis), `t_max`, `losses` =
+    `(generator_energy, amortiser_loss)` at the inferred equilibrium before the
+    updates, and `energies` (or `None`).
+
+    **Raises:**
+
+    `ValueError` for mismatched models, bad inference options or sizes.
+    """
+    _check_pair_of_models(amortiser, generator)
+    check_inference_options(activity_optim, n_inference_steps)
+    generator_optim, amortiser_optim = check_pair("optims", optims)
+    generator_state, amortiser_state = check_pair("opt_states", opt_states)
+    amort_activities = init_activities_with_amort(amortiser, generator, output)
+    activities = amort_activities if input is None else amort_activities[1:]
+    params = (generator, None)
+    record = record_activities or record_energies
+    ode = (ode_solver, max_t1, dt, stepsize_controller, None)
+    discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    trajectory, final, t_max = infer(
+        params, activities, output, input, ode, discrete, record, GENERATOR_ENERGY
+    )
+    generator_energy, generator, _, _, generator_state = param_step(
+        params,
+        final,
+        generator_optim,
+        generator_state,
+        output,
+        input,
+        **GENERATOR_ENERGY,
+    )
+    amortiser_loss, grads = eqx.filter_value_and_grad(hpc_energy_fn)(
+        amortiser, final, amort_activities, output, input
+    )
+    amortiser, amortiser_state = optax_update(
+        amortiser, grads, amortiser_optim, amortiser_state
+    )
+    energies = None
+    if record_energies:
+        energies = infer_energies(params, trajectory, t_max, output, input, "mse", "sp")
+    return HPCStepResult(
+        generator=generator,
+        amortiser=amortiser,
+        opt_states=(generator_state, amortiser_state),
+        activities=trajectory,
+        t_max=t_max,
+        losses=(generator_energy, amortiser_loss),
+        energies=energies,
+    )
+
+
+@traced_floats("sigma")
+def test_hpc(
+    generator: Model,
+    amortiser: Model,
+    output: Float[Array, "batch ..."],
+    input: Float[Array, "batch classes"],
+    key: Array,
+    layer_sizes: Sequence[int],
+    batch_size: int,
+    sigma: Scalar = 0.05,
+    ode_solver: dfx.AbstractSolver = dfx.Heun(),
+    max_t1: float = 500,
+    dt: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
+        rtol=1e-3, atol=1e-3
+    ),
+) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Array]:
+    """Evaluate a hybrid PC network: amortised, hybrid and generative inference.
+
+    **Arguments:**
+
+    - `generator`, `amortiser`: the trained networks.
+    - `output`: observations; `input`: one-hot labels.
+    - `key`, `layer_sizes`, `batch_size`, `sigma`: random initialisation of the
+        purely generative inference (see [`jpc.init_activities_from_normal`][]).
+    - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: inference ODE options.
+
+    **Returns:**
+
+    `(amortiser_acc, hybrid_acc, generator_acc, output_predictions)`: accuracy (%)
+    of the amortiser's feedforward guess of the prior; of $z_0$ inferred by the
+    generator starting from the amortised activities; of $z_0$ inferred from random
+    activities (as [`jpc.test_generative_pc`][]); and the generator's feedforward
+    prediction of the observation from the true labels.
+    """
+    amort_activities = init_activities_with_amort(amortiser, generator, output)
+    check_batch(output, input, amort_activities, y_name="output", x_name="input")
+    args = ((generator, None), output, None, "mse", "sp", 0.0, 0.0, 0.0)
+    equilibrium = solve(
+        args, amort_activities, ode_solver, max_t1, dt, stepsize_controller
+    )
+    generator_acc, output_predictions = test_generative_pc(
+        generator,
+        output,
+        input,
+        key,
+        layer_sizes,
+        batch_size,
+        sigma=sigma,
+        ode_solver=ode_solver,
+        max_t1=max_t1,
+        dt=dt,
+        stepsize_controller=stepsize_controller,
+    )
+    return (
+        compute_accuracy(input, amort_activities[0]),
+        compute_accuracy(input, equilibrium[0][-1]),
+        generator_acc,
+        output_predictions,
+    )
+
+
+test_hpc.__test__ = False  # type: ignore[attr-defined]
