@@ -1,0 +1,239 @@
+"""Gradient analysis of a PCN on two moons: activity learning rate vs width.
+
+A 4-layer leaky-ReLU MLP with biases (`jpc.make_mlp`, standard parameterisation)
+trained as a PCN with a cross-entropy output energy (`loss_id="ce"`) on scikit-learn's
+two moons (standardised). Each training step: feedforward initialisation, T=8 SGD steps
+on the activities, one SGD step on the weights at the inferred activities
+(`jpc.update_pc_params`). Plain SGD on the weights keeps the size of each layer's
+gradient meaningful (Adam would rescale the small gradients of the early layers).
+
+For every hidden width in `--widths` and activity learning rate in `--activity-lrs`
+(the per-example step: the optax learning rate is this times the batch size, because
+the energy is a batch mean), the run records the test accuracy after training and, for
+every epoch, the variance of each layer's weight gradient relative to the output
+layer's (`jpc.compute_layer_grad_variance_ratios`, averaged over the epoch's steps).
+
+    python -m experiments.gradient_analysis_moons [--quick]
+
+Writes `results.json` and `gradient_analysis.png` to `--out-dir`.
+"""
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+from tqdm import tqdm
+
+import jpc
+
+from . import datasets
+
+
+DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "gradient_analysis_moons"
+WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+ACTIVITY_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.gradient_analysis_moons",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
+    parser.add_argument(
+        "--activity-lrs", type=float, nargs="+", default=list(ACTIVITY_LRS)
+    )
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--n-inference-steps", type=int, default=8, help="T")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--param-lr", type=float, default=0.1, help="weights' lr")
+    parser.add_argument("--param-optim", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--n-samples", type=int, default=1000, help="moons points")
+    parser.add_argument("--noise", type=float, default=0.2, help="moons noise")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ratio-width", type=int, default=128, help="width plotted")
+    parser.add_argument("--quick", action="store_true", help="3 widths, 3 lrs, 2 ep")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.widths, args.activity_lrs, args.epochs = (
+            [16, 128, 512],
+            [0.01, 0.1, 1.0],
+            2,
+        )
+        args.ratio_width = 128
+    return args
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def make_step(args, activity_lr: float):
+    """A jitted PC training step that also returns each layer's gradient variance."""
+    activity_optim = optax.sgd(activity_lr * args.batch_size)
+    optim = getattr(optax, args.param_optim)(args.param_lr)
+    energy = dict(loss_id="ce")
+
+    @eqx.filter_jit
+    def step(model, opt_state, x, y):
+        acts = jpc.init_activities_with_ffwd(model, x)
+
+        def infer(carry, _):
+            z, state = carry
+            _, grads = jpc.compute_pc_activity_grad((model, None), z, y, x=x, **energy)
+            updates, state = activity_optim.update(grads, state, z)
+            return (optax.apply_updates(z, updates), state), None
+
+        carry = (acts, activity_optim.init(acts))
+        (acts, _), _ = jax.lax.scan(infer, carry, length=args.n_inference_steps)
+        out = jpc.update_pc_params(
+            (model, None), acts, optim, opt_state, y, input=x, **energy
+        )
+        variances = jpc.compute_layer_grad_variance_ratios(out["grads"][0])
+        return out["model"], out["opt_state"], variances["variances"]
+
+    return step, optim
+
+
+def load(args):
+    train, test = datasets.load_moons(args.n_samples, args.noise, seed=args.seed)
+    mean, std = train[0].mean(0), train[0].std(0)
+    train = ((train[0] - mean) / std, datasets.one_hot(train[1], 2))
+    test = (
+        jnp.asarray((test[0] - mean) / std),
+        jnp.asarray(datasets.one_hot(test[1], 2)),
+    )
+    return train, test
+
+
+def run(width, activity_lr, data, args) -> dict:
+    (x_train, y_train), (x_test, y_test) = data
+    model = jpc.make_mlp(
+        jr.PRNGKey(args.seed), 2, width, args.depth, 2, "leaky_relu", use_bias=True
+    )
+    step, optim = make_step(args, activity_lr)
+    opt_state = optim.init((eqx.filter(model, eqx.is_array), None))
+    batches = datasets.batches(x_train, y_train, args.batch_size, args.seed)
+    per_epoch = len(x_train) // args.batch_size
+    ratios, accs = [], []
+    for _ in range(args.epochs):
+        variances = []
+        for _ in range(per_epoch):
+            x, y = map(jnp.asarray, next(batches))
+            model, opt_state, var = step(model, opt_state, x, y)
+            variances.append(var)
+        mean_var = np.mean(np.asarray(variances), axis=0)
+        ratios.append((mean_var / mean_var[-1]).tolist())
+        _, acc = jpc.test_discriminative_pc(model, y_test, x_test, loss="ce")
+        accs.append(float(acc))
+    return {"test_acc": accs, "variance_ratios": ratios}
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def best_lrs(results: dict, args) -> dict:
+    best = {}
+    for width in args.widths:
+        finals = [results[f"{width}/{lr}"]["test_acc"][-1] for lr in args.activity_lrs]
+        best[width] = args.activity_lrs[int(np.argmax(finals))]
+    return best
+
+
+def save_plot(results, best, args, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    colours = plt.cm.viridis(np.linspace(0, 1, len(args.widths)))
+    for width, colour in zip(args.widths, colours):
+        accs = [results[f"{width}/{lr}"]["test_acc"][-1] for lr in args.activity_lrs]
+        axes[0].plot(
+            args.activity_lrs, accs, marker="o", color=colour, label=f"N={width}"
+        )
+        ratios = results[f"{width}/{best[width]}"]["variance_ratios"][-1]
+        axes[2].plot(
+            range(1, args.depth + 1),
+            ratios,
+            marker="o",
+            color=colour,
+            label=f"N={width}",
+        )
+    lr_colours = plt.cm.plasma(np.linspace(0, 0.9, len(args.activity_lrs)))
+    width = args.ratio_width if args.ratio_width in args.widths else args.widths[0]
+    for lr, colour in zip(args.activity_lrs, lr_colours):
+        ratios = np.asarray(results[f"{width}/{lr}"]["variance_ratios"])
+        epochs = np.arange(1, len(ratios) + 1)
+        axes[1].plot(epochs, ratios[:, 0], marker="o", color=colour, label=f"lr={lr}")
+    axes[0].set(
+        xscale="log",
+        xlabel="activity learning rate (per-example step)",
+        ylabel="test accuracy (%)",
+        title=f"T={args.n_inference_steps}, {args.epochs} epochs",
+    )
+    axes[1].set(
+        yscale="log",
+        xlabel="epoch",
+        ylabel="Var(∇W_1) / Var(∇W_L)",
+        title=f"first / output layer, N={width}",
+    )
+    axes[2].set(
+        yscale="log",
+        xlabel="layer",
+        ylabel="Var(∇W_l) / Var(∇W_L), last epoch",
+        title="at each width's best activity lr",
+    )
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("PCN on two moons: 4-layer leaky-ReLU, cross-entropy output")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    data = load(args)
+    results, seconds = {}, {}
+    grid = list(itertools.product(args.widths, args.activity_lrs))
+    for width, lr in tqdm(grid, desc="width × activity lr", dynamic_ncols=True):
+        start = time.perf_counter()
+        results[f"{width}/{lr}"] = run(width, lr, data, args)
+        seconds[f"{width}/{lr}"] = time.perf_counter() - start
+    best = best_lrs(results, args)
+    print(
+        f"\n{'width':>6}" + "".join(f"{lr:>9}" for lr in args.activity_lrs) + "   best"
+    )
+    for width in args.widths:
+        accs = [results[f"{width}/{lr}"]["test_acc"][-1] for lr in args.activity_lrs]
+        print(f"{width:>6}" + "".join(f"{a:9.1f}" for a in accs) + f"   {best[width]}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    save_plot(results, best, args, args.out_dir / "gradient_analysis.png")
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out = {
+        "config": config,
+        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "best_activity_lr": {str(k): v for k, v in best.items()},
+        "runs": results,
+        "seconds": seconds,
+    }
+    (args.out_dir / "results.json").write_text(json.dumps(out, indent=2))
+    print(f"Wrote {args.out_dir / 'results.json'} and gradient_analysis.png")
+    return out
+
+
+if __name__ == "__main__":
+    main()

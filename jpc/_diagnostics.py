@@ -1,0 +1,330 @@
+r"""Gradient diagnostics: alignment with backprop, signal-to-noise, layer balance.
+
+Gradients are compared layer by layer: "layer" means an entry of the top-level list of
+a model-shaped gradient (e.g. `model_grads` from [`jpc.compute_pc_param_grads`][],
+or the output of [`jpc.compute_fa_param_grads`][]).
+"""
+
+from typing import Any, TypedDict
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import optax
+
+from ._checks import check_sequence, traced_floats
+from ._grads import compute_pc_param_grads
+from ._layers import weight_leaves
+from ._perturbation import compute_np_param_grads, compute_wp_param_grads
+from ._rules import (
+    backprop_grads,
+    check_rule_inputs,
+    compute_fa_param_grads,
+    compute_kp_updates,
+    init_feedback_weights,
+    output_loss,
+    scalings_for,
+)
+from ._train import check_inference_options, infer, initial_activities
+from ._types import Array, Float, LossId, Model, ParamType, PyTree, Scalar, SkipModel
+
+
+class LayerwiseScore(TypedDict):
+    """A score per layer and over all layers together."""
+
+    per_layer: Float[Array, " layers"]
+    overall: Float[Array, ""]
+
+
+class VarianceRatios(TypedDict):
+    """Result of [`jpc.compute_layer_grad_variance_ratios`][]."""
+
+    variances: Float[Array, " layers"]
+    ratios: Float[Array, " layers"]
+
+
+class BackpropComparison(TypedDict):
+    """Result of [`jpc.compare_to_backprop`][]: cosine similarities to backprop."""
+
+    pc_equilibrium: LayerwiseScore
+    pc_feedforward: LayerwiseScore
+    fa: LayerwiseScore
+    kp: LayerwiseScore
+    wp: LayerwiseScore
+    np: LayerwiseScore
+
+
+def _layer_vectors(grads: Any, name: str, with_axis: bool = False) -> list[Array]:
+    """Every array leaf of each top-level entry, flattened (keeping a leading axis)."""
+    check_sequence(name, grads)
+    vectors = []
+    for layer in grads:
+        leaves = jtu.tree_leaves(eqx.filter(layer, eqx.is_array))
+        if with_axis:
+            parts = [jnp.reshape(a, (a.shape[0], -1)) for a in leaves]
+            vectors.append(jnp.concatenate(parts, axis=1) if parts else None)
+        else:
+            parts = [jnp.ravel(a) for a in leaves]
+            vectors.append(jnp.concatenate(parts) if parts else jnp.zeros(0))
+    return vectors
+
+
+def compute_grad_cosine_similarity(grads_a: PyTree, grads_b: PyTree) -> LayerwiseScore:
+    r"""Cosine similarity $\langle a, b\rangle / (\lVert a\rVert\lVert b\rVert)$ of two
+    gradients, per layer and over all parameters.
+
+    **Arguments:**
+
+    - `grads_a`, `grads_b`: model-shaped gradients (a list with one pytree per
+        layer; `None` leaves are ignored), e.g. the first element of
+        [`jpc.compute_pc_param_grads`][]'s result.
+
+    **Returns:**
+
+    A dict with `per_layer` (one value per layer; `nan` for a layer whose gradient
+    is zero or has no arrays) and `overall` (over all parameters concatenated).
+
+    **Raises:**
+
+    `ValueError` if the two gradients have different numbers of layers or layer
+    sizes.
+    """
+    a, b = _layer_vectors(grads_a, "grads_a"), _layer_vectors(grads_b, "grads_b")
+    sizes_a, sizes_b = [v.size for v in a], [v.size for v in b]
+    if sizes_a != sizes_b:
+        raise ValueError(
+            "`grads_a` and `grads_b` must have the same layers; got layer sizes "
+            f"{sizes_a} and {sizes_b}."
+        )
+    dots = jnp.stack([jnp.vdot(u, v) for u, v in zip(a, b)])
+    sq_a = jnp.stack([jnp.vdot(u, u) for u in a])
+    sq_b = jnp.stack([jnp.vdot(v, v) for v in b])
+    return LayerwiseScore(
+        per_layer=dots / jnp.sqrt(sq_a * sq_b),
+        overall=jnp.sum(dots) / jnp.sqrt(jnp.sum(sq_a) * jnp.sum(sq_b)),
+    )
+
+
+def compute_grad_snr(per_example_grads: PyTree, *, eps: float = 1e-8) -> LayerwiseScore:
+    r"""Signal-to-noise ratio of a gradient across examples (or repeated estimates).
+
+    For every parameter entry $j$, $\mathrm{SNR}_j = |\bar g_j| / (s_j + \epsilon)$
+    with the mean $\bar g_j$ and the standard deviation $s_j$ (`ddof=0`) over the
+    leading axis; the result averages $\mathrm{SNR}_j$ over each layer's entries and
+    over all entries.
+
+    **Arguments:**
+
+    - `per_example_grads`: model-shaped gradients whose array leaves have a leading
+        axis of samples, e.g. from [`jpc.compute_per_example_grads`][] or a stack
+        of gradient estimates on different batches.
+    - `eps`: added to the standard deviation.
+
+    **Returns:**
+
+    A dict with `per_layer` (`nan` for a layer without arrays) and `overall`.
+    """
+    vectors = _layer_vectors(per_example_grads, "per_example_grads", with_axis=True)
+    ratios = [
+        None if v is None else jnp.abs(v.mean(0)) / (v.std(0) + eps) for v in vectors
+    ]
+    per_layer = [jnp.nan if r is None else jnp.mean(r) for r in ratios]
+    present = [r for r in ratios if r is not None]
+    return LayerwiseScore(
+        per_layer=jnp.stack([jnp.asarray(p, float) for p in per_layer]),
+        overall=jnp.mean(jnp.concatenate(present)),
+    )
+
+
+def compute_layer_grad_variance_ratios(
+    grads: PyTree, *, reference: int = -1
+) -> VarianceRatios:
+    r"""Variance of each layer's weight gradient, relative to one reference layer.
+
+    Diagnoses how unevenly a learning rule spreads its updates over depth (e.g. PC
+    with few inference steps, whose early layers receive little error): for layer
+    $l$, $v_l = \mathrm{Var}_j\,[\partial W_l]_j$ over the entries of its `weight`
+    gradients, and the ratio $v_l / v_{\text{reference}}$.
+
+    **Arguments:**
+
+    - `grads`: model-shaped gradients.
+    - `reference`: index of the layer to divide by (default: the output layer).
+
+    **Returns:**
+
+    A dict with `variances` and `ratios`, one value per layer (`nan` for a layer
+    without weights).
+
+    **Raises:**
+
+    `ValueError` if `reference` is not a layer index.
+    """
+    check_sequence("grads", grads)
+    if not -len(grads) <= reference < len(grads):
+        raise ValueError(
+            f"`reference` must index one of the {len(grads)} layers, got {reference}."
+        )
+    variances = []
+    for layer in grads:
+        weights = [jnp.ravel(w) for w in weight_leaves(layer)]
+        variances.append(jnp.var(jnp.concatenate(weights)) if weights else jnp.nan)
+    variances = jnp.stack([jnp.asarray(v, float) for v in variances])
+    return VarianceRatios(variances=variances, ratios=variances / variances[reference])
+
+
+@eqx.filter_jit
+def compute_per_example_grads(
+    model: Model,
+    x: Float[Array, "batch d_in"],
+    y: Float[Array, "batch d_out"],
+    *,
+    loss_id: LossId = "mse",
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+) -> PyTree:
+    """Backprop gradient of each example's output loss (for [`jpc.compute_grad_snr`][]).
+
+    **Arguments:**
+
+    - `model`, `skip_model`, `param_type`: the network (as for
+        [`jpc.make_bp_step`][]).
+    - `x`, `y`: input and target batches.
+    - `loss_id`: `"mse"` or `"ce"`.
+
+    **Returns:**
+
+    Gradients shaped like `model` whose array leaves have a leading batch axis;
+    their mean over that axis is the batch-mean backprop gradient.
+    """
+    check_rule_inputs(model, skip_model, x, y, loss_id)
+    scalings = scalings_for(model, x, skip_model, param_type)
+
+    def one(x_i, y_i):
+        return eqx.filter_grad(output_loss)(
+            model, skip_model, scalings, x_i[None], y_i[None], loss_id
+        )
+
+    return jax.vmap(one)(x, y)
+
+
+def _pc_grads(model, x, y, loss_id, skip_model, param_type, inference, lam):
+    """PC weight gradients at the feedforward state and after inference."""
+    params = (model, skip_model)
+    energy_kwargs = dict(
+        loss_id=loss_id,
+        param_type=param_type,
+        weight_decay=0.0,
+        spectral_penalty=0.0,
+        activity_decay=0.0,
+        gamma=None,
+        output_energy_scaling=lam,
+    )
+    start, _ = initial_activities(
+        model, skip_model, y, x, param_type, None, (None, None, None, None)
+    )
+    ode, discrete = inference
+    _, final, _ = infer(params, start, y, x, ode, discrete, False, energy_kwargs)
+    at = [
+        compute_pc_param_grads(params, acts, y, x=x, **energy_kwargs)[0]
+        for acts in (start, final)
+    ]
+    return at[0], at[1]
+
+
+@traced_floats("sigma", "output_energy_scaling")
+def compare_to_backprop(
+    model: Model,
+    x: Float[Array, "batch d_in"],
+    y: Float[Array, "batch d_out"],
+    *,
+    key: Array,
+    loss_id: LossId = "mse",
+    skip_model: SkipModel = None,
+    param_type: ParamType = "sp",
+    feedback: list | None = None,
+    sigma: Scalar = 1e-3,
+    n_samples: int = 100,
+    output_energy_scaling: Scalar | None = None,
+    activity_optim: optax.GradientTransformation | None = None,
+    n_inference_steps: int | None = None,
+    ode_solver: dfx.AbstractSolver = dfx.Heun(),
+    max_t1: float = 20,
+    dt: float | None = None,
+    stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
+        rtol=1e-3, atol=1e-3
+    ),
+) -> BackpropComparison:
+    r"""Cosine similarity to the backprop gradient of PC, FA, KP, WP and NP updates.
+
+    All on the same batch and the same model, against `jax.grad` of the batch-mean
+    output loss:
+
+    - `pc_equilibrium`: PC weight gradients after inference from the feedforward
+        state (as in [`jpc.make_pc_step`][]: an ODE solve, or `n_inference_steps`
+        steps of `activity_optim`);
+    - `pc_feedforward`: PC weight gradients at the feedforward state (only the
+        output layer is non-zero there, and equals backprop's);
+    - `fa`, `kp`: [`jpc.compute_fa_param_grads`][] and the forward part of
+        [`jpc.compute_kp_updates`][] with `feedback` (no weight decay; on a single
+        batch the two coincide, KP differs by training its feedback);
+    - `wp`, `np`: [`jpc.compute_wp_param_grads`][] and
+        [`jpc.compute_np_param_grads`][] with `sigma` and `n_samples`.
+
+    !!! note
+        The energy is a batch mean, so inference moves each example at a rate
+        $1/B$: reaching equilibrium takes `max_t1` (or activity learning rates)
+        proportional to the batch size.
+
+    **Arguments:**
+
+    - `model`, `skip_model`, `param_type`: a list-of-layers MLP whose layers each
+        contain one `eqx.nn.Linear`.
+    - `x`, `y`: input and target batches; `loss_id`: `"mse"` or `"ce"`.
+    - `key`: PRNG key for the feedback matrices (when `feedback` is `None`) and
+        the perturbations.
+    - `feedback`: feedback matrices for FA/KP; default
+        [`jpc.init_feedback_weights`][].
+    - `sigma`, `n_samples`: perturbation options.
+    - `output_energy_scaling`: output precision of the PC energy.
+    - `activity_optim`, `n_inference_steps`, `ode_solver`, `max_t1`, `dt`,
+        `stepsize_controller`: PC inference options (as for [`jpc.make_pc_step`][]).
+
+    **Returns:**
+
+    A dict of [`jpc.compute_grad_cosine_similarity`][] results keyed
+    `pc_equilibrium, pc_feedforward, fa, kp, wp, np`.
+    """
+    check_rule_inputs(model, skip_model, x, y, loss_id)
+    check_inference_options(activity_optim, n_inference_steps)
+    fb_key, wp_key, np_key = jr.split(key, 3)
+    feedback = init_feedback_weights(fb_key, model) if feedback is None else feedback
+    rule = dict(loss_id=loss_id, skip_model=skip_model, param_type=param_type)
+    noise = dict(sigma=sigma, n_samples=n_samples, **rule)
+    ode = (ode_solver, max_t1, dt, stepsize_controller, None)
+    discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    pc_ffwd, pc_eq = _pc_grads(
+        model,
+        x,
+        y,
+        loss_id,
+        skip_model,
+        param_type,
+        (ode, discrete),
+        output_energy_scaling,
+    )
+    updates = dict(
+        pc_equilibrium=pc_eq,
+        pc_feedforward=pc_ffwd,
+        fa=compute_fa_param_grads(model, feedback, x, y, **rule),
+        kp=compute_kp_updates(model, feedback, x, y, **rule)[0],
+        wp=compute_wp_param_grads(wp_key, model, x, y, **noise),
+        np=compute_np_param_grads(np_key, model, x, y, **noise),
+    )
+    reference = backprop_grads(model, x, y, **rule)
+    return BackpropComparison(
+        **{k: compute_grad_cosine_similarity(g, reference) for k, g in updates.items()}
+    )
