@@ -1,0 +1,498 @@
+"""Time `jpc`'s training steps against the pure-JAX yardstick (SPEC §12).
+
+    python -m benchmarks.run [--quick] [--workloads W0,W1] [--out FILE]
+
+Every time is per training step, compile excluded, the median over rounds; in
+each round every implementation runs a few chained steps in turn, so all of
+them see the same machine load. Prints a table of ratios to the yardstick and
+writes JSON (default `benchmarks/results/results.json`).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+
+import jpc
+from jpc._infer import steady_state_event
+
+from . import yardstick as ys
+
+
+ACTIVITY_LR = 0.1
+PARAM_LR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    din: int
+    width: int
+    depth: int  # number of layers L
+    dout: int
+    act: str
+    batch: int
+    n_steps: int = 20
+    impls: tuple = ("yardstick", "fused", "loop", "bp_yardstick", "bp")
+    note: str = ""
+
+
+WORKLOADS = {
+    "W0": Workload(
+        "W0", 8, 8, 3, 2, "tanh", 4,
+        impls=("yardstick", "fused", "ode", "loop", "bp_yardstick", "bp"),
+        note="overhead probe 8-8-8-2 tanh",
+    ),
+    "W1": Workload("W1", 784, 300, 3, 10, "tanh", 64, note="784-300-300-10 tanh"),
+    "W2": Workload("W2", 784, 128, 11, 10, "relu", 128, note="784-10x128-10 relu"),
+    "W3": Workload("W3", 784, 300, 3, 10, "tanh", 1024, note="784-300-300-10 tanh"),
+    "W4": Workload(
+        "W4", 784, 300, 3, 10, "tanh", 64, impls=("yardstick", "ode"),
+        note="W1 with the default ODE path (Heun + PID, max_t1=20)",
+    ),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------- problems
+
+
+@dataclasses.dataclass
+class Problem:
+    workload: Workload
+    model: list
+    params: list  # the same weights as `model`, as a list of (W, b)
+    x: jax.Array
+    y: jax.Array
+    optim: optax.GradientTransformation
+    activity_optim: optax.GradientTransformation
+
+
+def make_problem(w: Workload, seed: int = 0) -> Problem:
+    kmodel, kx, ky = jr.split(jr.PRNGKey(seed), 3)
+    model = jpc.make_mlp(kmodel, w.din, w.width, w.depth, w.dout, w.act, use_bias=True)
+    params = [(layer.layers[1].weight, layer.layers[1].bias) for layer in model]
+    x = jr.normal(kx, (w.batch, w.din))
+    y = jax.nn.one_hot(jr.randint(ky, (w.batch,), 0, w.dout), w.dout)
+    return Problem(w, model, params, x, y, optax.adam(PARAM_LR), optax.sgd(ACTIVITY_LR))
+
+
+def adam_state(p: Problem, model):
+    return p.optim.init((eqx.filter(model, eqx.is_array), None))
+
+
+# ------------------------------------------------------------ implementations
+# Each returns `(step, state)`: `step(state) -> (state, marker)`, where `marker`
+# is one output array to wait on.
+
+
+def impl_yardstick(p: Problem):
+    act, w = jpc.get_act_fn(p.workload.act), p.workload
+    pc_step = ys.make_pc_step(act, w.n_steps, ACTIVITY_LR, PARAM_LR)
+
+    def step(state):
+        params, opt_state, energy = pc_step(*state, p.x, p.y)
+        return (params, opt_state), energy
+
+    return step, (p.params, ys.adam_init(p.params))
+
+
+def impl_bp_yardstick(p: Problem):
+    bp_step = ys.make_bp_step(jpc.get_act_fn(p.workload.act), PARAM_LR)
+
+    def step(state):
+        params, opt_state, loss = bp_step(*state, p.x, p.y)
+        return (params, opt_state), loss
+
+    return step, (p.params, ys.adam_init(p.params))
+
+
+def _pc_step(p: Problem, **kwargs):
+    def step(state):
+        model, opt_state = state
+        out = jpc.make_pc_step(model, p.optim, opt_state, p.y, input=p.x, **kwargs)
+        return (out["model"], out["opt_state"]), out["loss"]
+
+    return step, (p.model, adam_state(p, p.model))
+
+
+def impl_fused(p: Problem):
+    return _pc_step(
+        p, activity_optim=p.activity_optim, n_inference_steps=p.workload.n_steps
+    )
+
+
+def impl_ode(p: Problem):
+    return _pc_step(p)
+
+
+def impl_loop(p: Problem):
+    """The Python loop of `update_pc_activities` calls a user writes by hand."""
+
+    def step(state):
+        model, opt_state = state
+        params = (model, None)
+        activities = jpc.init_activities_with_ffwd(model, p.x)
+        activity_state = p.activity_optim.init(activities)
+        for _ in range(p.workload.n_steps):
+            out = jpc.update_pc_activities(
+                params, activities, p.activity_optim, activity_state, p.y, input=p.x
+            )
+            activities, activity_state = out["activities"], out["opt_state"]
+        out = jpc.update_pc_params(
+            params, activities, p.optim, opt_state, p.y, input=p.x
+        )
+        return (out["model"], out["opt_state"]), out["opt_state"][0].count
+
+    return step, (p.model, adam_state(p, p.model))
+
+
+def impl_bp(p: Problem):
+    def step(state):
+        model, opt_state = state
+        out = jpc.make_bp_step(model, p.optim, opt_state, p.y, input=p.x)
+        return (out["model"], out["opt_state"]), out["loss"]
+
+    return step, (p.model, adam_state(p, p.model))
+
+
+IMPLS: dict[str, Callable] = {
+    "yardstick": impl_yardstick,
+    "fused": impl_fused,
+    "ode": impl_ode,
+    "loop": impl_loop,
+    "bp_yardstick": impl_bp_yardstick,
+    "bp": impl_bp,
+}
+
+
+# ------------------------------------------------------------------- checks
+
+
+def _linear_params(model) -> list:
+    return [(layer.layers[1].weight, layer.layers[1].bias) for layer in model]
+
+
+def check_same_maths(times: dict, name: str) -> dict[str, float]:
+    """Largest relative difference between the parameters after the first step of
+    `make_pc_step` (fused) and of the yardstick, and of both backprop steps.
+
+    Raises if it is above float32 round-off: the implementations must compute the
+    same update before their times are compared.
+    """
+    errors = {}
+    for ours, theirs in [("fused", "yardstick"), ("bp", "bp_yardstick")]:
+        if ours not in times or theirs not in times:
+            continue
+        model = times[ours]["first_state"][0]
+        a = jax.tree_util.tree_leaves(_linear_params(model))
+        b = jax.tree_util.tree_leaves(times[theirs]["first_state"][0])
+        scale = max(float(jnp.max(jnp.abs(leaf))) for leaf in b)
+        err = max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(a, b)) / scale
+        if not err < 1e-5:
+            raise AssertionError(f"{ours} and {theirs} differ on {name}: {err:.2e}")
+        errors[ours] = err
+    return errors
+
+
+# ------------------------------------------------------------------- timing
+
+
+def _run(step, state, n: int):
+    marker = None
+    for _ in range(n):
+        state, marker = step(state)
+    jax.block_until_ready(marker)
+    return state
+
+
+def first_call(step, state) -> tuple[float, Any]:
+    start = time.perf_counter()
+    state = _run(step, state, 1)
+    return time.perf_counter() - start, state
+
+
+def calibrate(step, state, target: float) -> tuple[int, Any]:
+    """Steps per round so that a round of this implementation lasts ~`target` s."""
+    per_step = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        state = _run(step, state, 1)
+        per_step = min(per_step, time.perf_counter() - start)
+    return max(1, min(1000, round(target / per_step))), state
+
+
+def time_interleaved(impls: dict, rounds: int, target: float) -> dict[str, dict]:
+    """Seconds per step, implementations interleaved in rounds.
+
+    The order of the implementations is reversed every other round. Besides the
+    median and min time, each entry has the median over rounds of its time
+    divided by the first implementation's time in the same round (a paired ratio,
+    robust to load that changes between rounds). `first_state` is the state after
+    the first (compiling) call, used to check the maths.
+    """
+    entries = {}
+    for name, (step, state) in impls.items():
+        first_s, state = first_call(step, state)
+        first_state = state
+        n, state = calibrate(step, state, target)
+        entries[name] = dict(step=step, state=state, n=n, times=[], first=first_s)
+        entries[name]["first_state"] = first_state
+    order = list(entries.values())
+    for r in range(rounds):
+        for e in order if r % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            e["state"] = _run(e["step"], e["state"], e["n"])
+            e["times"].append((time.perf_counter() - start) / e["n"])
+    base = order[0]["times"]
+    return {
+        name: dict(
+            median_s=statistics.median(e["times"]),
+            min_s=min(e["times"]),
+            paired_ratio=statistics.median(t / b for t, b in zip(e["times"], base)),
+            first_call_s=e["first"],
+            steps_per_round=e["n"],
+            rounds=rounds,
+            first_state=e["first_state"],
+        )
+        for name, e in entries.items()
+    }
+
+
+# ------------------------------------------------------------- ODE solver steps
+
+
+def ode_solver_steps(p: Problem, max_t1: float) -> dict[str, Any]:
+    """Accepted Heun steps of jpc's solve (steady-state stop) vs a fixed horizon."""
+    controller = dfx.PIDController(rtol=1e-3, atol=1e-3)
+    z0 = jpc.init_activities_with_ffwd(p.model, p.x)
+    recorded = jpc.solve_inference(
+        (p.model, None), z0, p.y, input=p.x, max_t1=max_t1, record_iters=True
+    )
+    args = ((p.model, None), p.y, p.x, "mse", "sp", 0.0, 0.0, 0.0)
+    result = {"max_t1": max_t1, "jpc_steps": int(jpc.get_t_max(recorded))}
+    for name, event in [("stop", steady_state_event(controller)), ("fixed", None)]:
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(jpc.neg_pc_activity_grad), dfx.Heun(), 0.0, max_t1, None,
+            z0, args=args, stepsize_controller=controller, event=event,
+            max_steps=100_000,
+        )  # fmt: skip
+        result[f"{name}_steps"] = int(sol.stats["num_accepted_steps"])
+        result[f"{name}_t_end"] = float(sol.ts[-1])
+    return result
+
+
+# ----------------------------------------------------------------- sections
+
+
+def run_workloads(names, rounds, target) -> dict:
+    results = {}
+    for name in names:
+        w = WORKLOADS[name]
+        p = make_problem(w)
+        print(f"[{name}] {w.note}, batch {w.batch}, T={w.n_steps}", flush=True)
+        entry: dict[str, Any] = {"workload": dataclasses.asdict(w)}
+        impls = {impl: IMPLS[impl](p) for impl in w.impls}
+        entry["times"] = time_interleaved(impls, rounds, target)
+        entry["max_rel_diff_vs_yardstick"] = check_same_maths(entry["times"], name)
+        for t in entry["times"].values():
+            del t["first_state"]
+        if "ode" in w.impls:
+            entry["ode_steps"] = [ode_solver_steps(p, t1) for t1 in (20.0, 2000.0)]
+        entry["ratios"] = ratios(entry["times"], w.n_steps)
+        results[name] = entry
+    return results
+
+
+def ratios(times: dict, n_steps: int) -> dict[str, float]:
+    """Ratios of medians to the yardstick, and PC/BP over the flop floor."""
+    med = {k: v["median_s"] for k, v in times.items()}
+    out = {f"{k}/yardstick": t / med["yardstick"] for k, t in med.items()}
+    floor = (2 * n_steps + 3) / 3
+    if "bp" in med and "fused" in med:
+        out["fused/bp over floor"] = med["fused"] / med["bp"] / floor
+        out["yardstick/bp_yardstick over floor"] = (
+            med["yardstick"] / med["bp_yardstick"] / floor
+        )
+    return out
+
+
+def run_depth(depths, rounds, target) -> list[dict]:
+    rows = []
+    for depth in depths:
+        w = Workload(f"depth{depth}", 128, 128, depth, 10, "tanh", 64)
+        p = make_problem(w)
+        impls = {k: IMPLS[k](p) for k in ("yardstick", "fused")}
+        times = time_interleaved(impls, rounds, target)
+        check_same_maths(times, w.name)
+        row = {"depth": depth}
+        for k, t in times.items():
+            row[f"{k}_step_s"] = t["median_s"]
+            row[f"{k}_compile_s"] = t["first_call_s"] - t["median_s"]
+        print(f"[depth {depth}] " + _fmt_row(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+class CompileCounter:
+    """Counts XLA backend compilations through `jax.monitoring` (public API)."""
+
+    EVENT = "backend_compile"
+
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **kwargs) -> None:
+        if self.EVENT in event:
+            self.count += 1
+
+    def during(self, fn: Callable, *args) -> int:
+        """Compilations while running `fn(*args)`."""
+        before = self.count
+        jax.block_until_ready(fn(*args))
+        return self.count - before
+
+
+def run_recompiles(counter: CompileCounter) -> dict[str, Any]:
+    """Compilations caused by new float hyperparameter values (must be 0)."""
+    p = make_problem(WORKLOADS["W0"])
+    opt_state = adam_state(p, p.model)
+    discrete = dict(activity_optim=p.activity_optim, n_inference_steps=5)
+
+    def pc(wd, lam, gamma, **kw):
+        return jpc.make_pc_step(
+            p.model, p.optim, opt_state, p.y, input=p.x, weight_decay=wd,
+            output_energy_scaling=lam, gamma=gamma, **kw,
+        )["loss"]  # fmt: skip
+
+    def update(wd, lam):
+        z = jpc.init_activities_with_ffwd(p.model, p.x)
+        return jpc.update_pc_activities(
+            (p.model, None), z, p.activity_optim, p.activity_optim.init(z), p.y,
+            input=p.x, weight_decay=wd, output_energy_scaling=lam,
+        )["energy"]  # fmt: skip
+
+    out = {}
+    for name, fn in [("fused", lambda *a: pc(*a, **discrete)), ("ode", pc)]:
+        first = counter.during(fn, 1e-4, 0.9, 1.1)
+        out[f"{name}: first call (listener check, > 0)"] = first
+        out[f"{name}: new Python floats"] = counter.during(fn, 2e-4, 0.8, 1.2)
+        arrays = [jnp.asarray(v) for v in (3e-4, 0.7, 1.3)]
+        out[f"{name}: JAX array values"] = counter.during(fn, *arrays)
+    counter.during(update, 1e-4, 0.9)
+    out["update_pc_activities: new Python floats"] = counter.during(update, 5e-4, 0.5)
+    return out
+
+
+# ------------------------------------------------------------------- output
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f}ms"
+    return f"{seconds:.2f}s"
+
+
+def _fmt_row(row: dict) -> str:
+    return ", ".join(
+        f"{k}={_fmt_time(v) if k.endswith('_s') else v}" for k, v in row.items()
+    )
+
+
+def print_table(results: dict) -> None:
+    columns = list(IMPLS)
+    print("\nmedian time per step (ratio of medians | median paired ratio)")
+    print(f"{'':4}" + "".join(f"{c:>22}" for c in columns))
+    for name, entry in results.items():
+        times, base = entry["times"], entry["times"]["yardstick"]["median_s"]
+        cells = []
+        for c in columns:
+            if c not in times:
+                cells.append(f"{'-':>22}")
+                continue
+            t, paired = times[c]["median_s"], times[c]["paired_ratio"]
+            cells.append(f"{_fmt_time(t) + f' ({t / base:.2f}x|{paired:.2f}x)':>22}")
+        print(f"{name:4}" + "".join(cells))
+    print("\nfirst call (compile + one step)")
+    for name, entry in results.items():
+        row = {f"{k}_s": v["first_call_s"] for k, v in entry["times"].items()}
+        print(f"{name:4}" + _fmt_row(row))
+    for name, entry in results.items():
+        for key in ("fused/bp over floor", "yardstick/bp_yardstick over floor"):
+            if key in entry["ratios"]:
+                print(f"{name} {key}: {entry['ratios'][key]:.2f}")
+        for s in entry.get("ode_steps", []):
+            print(f"{name} ODE solver steps: {s}")
+
+
+def machine() -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "equinox": eqx.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(device, "device_kind", str(device)),
+        "n_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, depths")
+    parser.add_argument("--workloads", default="W0,W1,W2,W3,W4")
+    parser.add_argument("--depths", default=None, help="e.g. 8,16,32,64,128")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--skip", default="", help="sections: depth,recompiles")
+    parser.add_argument("--out", default="benchmarks/results/results.json")
+    args = parser.parse_args(argv)
+    counter = CompileCounter()
+    rounds = args.rounds or (5 if args.quick else 15)
+    target = 0.05 if args.quick else 0.1
+    depths = args.depths or ("8,16,32" if args.quick else "8,16,32,64,128")
+    start = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine(), "rounds": rounds}
+    print(results["machine"], flush=True)
+    names = [n for n in args.workloads.split(",") if n]
+    results["workloads"] = run_workloads(names, rounds, target)
+    print_table(results["workloads"])
+    if "depth" not in args.skip:
+        ds = [int(d) for d in depths.split(",")]
+        results["depth"] = run_depth(ds, max(3, rounds // 3), target)
+    if "recompiles" not in args.skip:
+        results["recompiles"] = run_recompiles(counter)
+        print("compilations:", results["recompiles"])
+    results["wall_s"] = time.perf_counter() - start
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=_json_default))
+    print(f"wrote {out} ({results['wall_s']:.0f} s)")
+    return results
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.generic, jax.Array)):
+        return np.asarray(obj).tolist()
+    return str(obj)
+
+
+if __name__ == "__main__":
+    main()
