@@ -175,6 +175,28 @@ def test_compare_to_backprop_limits(key, keys):
     assert float(out["pc_equilibrium"]["overall"]) > 0.999
     for name in ("wp", "np"):
         assert float(out[name]["overall"]) > 0.9
+    # random feedback: FA and KP (no weight decay) are the cosine of the FA update
+    feedback = jpc.init_feedback_weights(keys[1], p.model)
+    random = jpc.compare_to_backprop(
+        p.model,
+        p.x,
+        p.y,
+        key=keys[0],
+        feedback=feedback,
+        sigma=1e-4,
+        n_samples=2048,
+        output_energy_scaling=lam,
+        activity_optim=optim,
+        n_inference_steps=steps,
+    )
+    fa = jpc.compute_fa_param_grads(p.model, feedback, p.x, p.y)
+    expected = jpc.compute_grad_cosine_similarity(fa, bp)
+    for name in ("fa", "kp"):
+        assert_trees_close(random[name], expected, rtol=1e-10)
+    assert float(random["fa"]["per_layer"][0]) < 0.999
+    # the feedback plays no part in the PC and perturbation entries
+    for name in ("pc_equilibrium", "pc_feedforward", "wp", "np"):
+        assert_trees_close(random[name], out[name], rtol=1e-12)
 
 
 def test_compare_to_backprop_errors(key):

@@ -213,6 +213,65 @@ def test_perturbation_estimates_converge_to_backprop(key, keys, rule):
     assert cos[8] < 0.9 < 0.95 < cos[2048]
 
 
+# ------------------------------------------------------------------ other layouts
+
+
+def _custom_mlp(key):
+    """Not the `make_mlp` layout: activation *after* each hidden `eqx.nn.Linear`
+    (inside a `Sequential`), and a bare `eqx.nn.Linear` as the output layer."""
+    k = jax.random.split(key, 3)
+    return [
+        eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=k[0]), eqx.nn.Lambda(jnp.tanh)]),
+        eqx.nn.Sequential(
+            [eqx.nn.Linear(4, 4, key=k[1]), eqx.nn.Lambda(jax.nn.sigmoid)]
+        ),
+        eqx.nn.Linear(4, 2, key=k[2]),
+    ]
+
+
+def _custom_loss(model, x, y, loss, shifts=None):
+    """Batch-mean output loss of a hand-written forward pass; `shifts` are added to
+    every layer's output (for the exact node errors)."""
+    z = x
+    for i, layer in enumerate(model):
+        z = jax.vmap(layer)(z) + (0.0 if shifts is None else shifts[i])
+    return ref_output_loss(z, y, loss) / x.shape[0]
+
+
+def test_rules_on_a_custom_linear_layout(key, keys, loss="ce"):
+    """Also the only WP/NP check with a cross-entropy loss."""
+    model = _custom_mlp(key)
+    x = jax.random.normal(keys[0], (6, 3))
+    if loss == "mse":
+        y = jax.random.normal(keys[1], (6, 2))
+    else:
+        y = jax.nn.one_hot(jax.random.randint(keys[1], (6,), 0, 2), 2)
+    linears = [model[0].layers[0], model[1].layers[0], model[2]]
+    bp = eqx.filter_grad(_custom_loss)(model, x, y, loss)
+    # feedback shapes follow the inner Linear; transposed weights give backprop
+    feedback = jpc.init_feedback_weights(keys[2], model)
+    assert feedback[0] is None
+    assert [fb.shape for fb in feedback[1:]] == [(4, 4), (4, 2)]
+    exact = [None] + [lin.weight.T for lin in linears[1:]]
+    fa = jpc.compute_fa_param_grads(model, exact, x, y, loss_id=loss)
+    assert_trees_close(fa, bp, rtol=1e-10, atol=1e-15)
+    kp, _ = jpc.compute_kp_updates(model, exact, x, y, loss_id=loss)
+    assert_trees_close(kp, bp, rtol=1e-10, atol=1e-15)
+    # random feedback: output layer still exact, the first layer is not
+    fa = jpc.compute_fa_param_grads(model, feedback, x, y, loss_id=loss)
+    assert_trees_close(fa[-1], bp[-1], rtol=1e-10, atol=1e-15)
+    assert cosine(fa[0], bp[0]) < 0.999
+    # node-error machinery with the exact errors ∂L/∂z_l is backprop
+    zeros = [jnp.zeros((6, n)) for n in (4, 4, 2)]
+    deltas = jax.grad(lambda s: _custom_loss(model, x, y, loss, s))(zeros)
+    grads = grads_from_node_errors(model, None, [1.0] * 3, x, deltas)
+    assert_trees_close(grads, bp, rtol=1e-10, atol=1e-15)
+    # perturbation estimates with many samples point along backprop
+    for fn in (jpc.compute_wp_param_grads, jpc.compute_np_param_grads):
+        est = fn(keys[3], model, x, y, sigma=1e-4, n_samples=2048, loss_id=loss)
+        assert cosine(est, bp) > 0.95
+
+
 # ------------------------------------------------------------------ errors
 
 
