@@ -30,12 +30,15 @@ def _rms(arrays: list) -> Array:
 
 
 def steady_state_event(stepsize_controller: Any) -> dfx.Event:
-    r"""Stop when $\mathrm{rms}(\partial\mathcal{F}/\partial z) < a + r\,
+    r"""Stop when $\mathrm{rms}(B\,\partial\mathcal{F}/\partial z) < a + r\,
     \mathrm{rms}(z)$ over the free activities.
 
     `r` and `a` are the controller's `rtol` and `atol` (1e-3 if it has none). The
     test is on the vector field, not the state, so it fires once inference has
-    converged (the JPC library's event never fired, SPEC §11.1).
+    converged (the JPC library's event never fired, SPEC §11.1). The field is
+    taken per example: $\mathcal{F}$ is a batch mean, so $\partial\mathcal{F}/
+    \partial z$ carries a factor $1/B$, and without undoing it a batch of 64 would
+    look converged at $t = 0$ while each example's error is still large.
     """
     rtol = getattr(stepsize_controller, "rtol", _DEFAULT_TOL)
     atol = getattr(stepsize_controller, "atol", _DEFAULT_TOL)
@@ -45,7 +48,8 @@ def steady_state_event(stepsize_controller: Any) -> dfx.Event:
         if not free:
             return jnp.array(True)
         field = neg_pc_activity_grad(t, y, args)[:-1]
-        return _rms(field) < atol + rtol * _rms(free)
+        batch_size = free[0].shape[0]
+        return batch_size * _rms(field) < atol + rtol * _rms(free)
 
     return dfx.Event(cond_fn)
 

@@ -2,6 +2,8 @@
 the reference energy, energy monotonicity, the steady-state stop (§11.1), recording
 (§11.10) and per-layer energies along trajectories (§11.5)."""
 
+import dataclasses
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -117,7 +119,7 @@ def test_ode_constant_step_reaches_equilibrium(key):
     idx = free_slice(p)
     last = final(out)
     g = ref_activity_grads(p, last)
-    assert _rms([g[i] for i in idx]) < 1e-3 + 1e-3 * _rms([last[i] for i in idx])
+    assert p.B * _rms([g[i] for i in idx]) < 1e-3 + 1e-3 * _rms([last[i] for i in idx])
     ffwd = p.ffwd()
     d_end = _rms([last[i] - eq[i] for i in idx])
     d_start = _rms([ffwd[i] - eq[i] for i in idx])
@@ -233,7 +235,8 @@ def _steady(p, t1, **kw):
 
 def test_steady_state_stop_fires(key):
     """§11.1: with 4000 fixed steps available the solve stops long before the end,
-    at a state where rms(∂F/∂z) < atol + rtol·rms(z) (1e-3 for a constant step)."""
+    at a state where rms(B·∂F/∂z) < atol + rtol·rms(z) (1e-3 for a constant step);
+    B·∂F/∂z is the per-example field, since F is a batch mean."""
     p = random_problem(key, WIDTHS, 3)
     iters = _steady(p, 2000, max_steps=4100)
     t_max = int(jpc.get_t_max(iters))
@@ -241,18 +244,44 @@ def test_steady_state_stop_fires(key):
     last = [a[t_max] for a in iters]
     idx = free_slice(p)
     g = ref_activity_grads(p, last)
-    assert _rms([g[i] for i in idx]) < 1e-3 + 1e-3 * _rms([last[i] for i in idx])
+    assert p.B * _rms([g[i] for i in idx]) < 1e-3 + 1e-3 * _rms([last[i] for i in idx])
     # the previous state had not yet met the criterion (the stop is not premature
     # by more than one step), checked with a generous margin
     prev = [a[max(t_max - 5, 0)] for a in iters]
     gp = ref_activity_grads(p, prev)
-    assert _rms([gp[i] for i in idx]) > 0.5 * (
+    assert p.B * _rms([gp[i] for i in idx]) > 0.5 * (
         1e-3 + 1e-3 * _rms([prev[i] for i in idx])
     )
     # a longer horizon changes nothing: the stop, not t1, ended the solve
     longer = _steady(p, 4000, max_steps=8100)
     assert int(jpc.get_t_max(longer)) == t_max
     assert_trees_close(final([a[: t_max + 1] for a in longer]), last, rtol=1e-12)
+
+
+def test_steady_state_stop_is_per_example(key):
+    """Repeating a batch k times divides every example's field by k (F is a batch
+    mean); with the time step multiplied by k the Euler iterates are unchanged, and
+    so must be the stop. A threshold on the batch-mean field would instead stop a
+    large batch at t = 0, before any inference."""
+    p = random_problem(key, WIDTHS, 3)
+    k = 32
+    iters = _steady(p, 2000, max_steps=4100)
+    t_max = int(jpc.get_t_max(iters))
+    assert t_max > 0
+    big = dataclasses.replace(p, x=jnp.tile(p.x, (k, 1)), y=jnp.tile(p.y, (k, 1)))
+    big_iters = solve(
+        big,
+        solver=diffrax.Euler(),
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt=0.5 * k,
+        max_t1=2000 * k,
+        record_iters=True,
+        max_steps=4100,
+    )
+    assert int(jpc.get_t_max(big_iters)) == t_max
+    assert_trees_close(
+        [a[t_max, : p.B] for a in big_iters], [a[t_max] for a in iters], rtol=1e-10
+    )
 
 
 def test_steady_state_stop_fires_with_adaptive_controller(key):
