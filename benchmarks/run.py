@@ -1,11 +1,17 @@
 """Time `jpc`'s training steps against the pure-JAX yardstick (SPEC §12).
 
-    python -m benchmarks.run [--quick] [--workloads W0,W1] [--out FILE]
+    python -m benchmarks.run [--quick] [--workloads W0,W1] [--depths 8,16]
+                             [--rounds N] [--skip depth,recompiles,nan] [--out FILE]
 
 Every time is per training step, compile excluded, the median over rounds; in
 each round every implementation runs a few chained steps in turn, so all of
-them see the same machine load. Prints a table of ratios to the yardstick and
-writes JSON (default `benchmarks/results/results.json`).
+them see the same machine load. Wall and CPU time are both recorded (the CPU
+time of this process does not count waiting for a core on a shared machine).
+Sections: the workloads (SPEC §12 W1-W4 and the overhead probe W0) with the ODE
+solver-step counts; step and compile time against depth; compilations on new
+float hyperparameters; W0 again with `EQX_ON_ERROR=nan` (a subprocess). Prints a
+table of ratios to the yardstick and the targets met or missed, and writes JSON
+(default `benchmarks/results/results.json`).
 """
 
 import argparse
@@ -14,6 +20,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,10 +63,15 @@ class Workload:
 WORKLOADS = {
     "W0": Workload(
         "W0", 8, 8, 3, 2, "tanh", 4,
-        impls=("yardstick", "fused", "ode", "loop", "bp_yardstick", "bp"),
+        impls=(
+            "yardstick", "yardstick_sync", "fused", "ode", "loop", "bp_yardstick", "bp"
+        ),
         note="overhead probe 8-8-8-2 tanh",
     ),
-    "W1": Workload("W1", 784, 300, 3, 10, "tanh", 64, note="784-300-300-10 tanh"),
+    "W1": Workload(
+        "W1", 784, 300, 3, 10, "tanh", 64, note="784-300-300-10 tanh",
+        impls=("yardstick", "yardstick_sync", "fused", "loop", "bp_yardstick", "bp"),
+    ),
     "W2": Workload("W2", 784, 128, 11, 10, "relu", 128, note="784-10x128-10 relu"),
     "W3": Workload("W3", 784, 300, 3, 10, "tanh", 1024, note="784-300-300-10 tanh"),
     "W4": Workload(
@@ -108,6 +122,22 @@ def impl_yardstick(p: Problem):
         return (params, opt_state), energy
 
     return step, (p.params, ys.adam_init(p.params))
+
+
+def impl_yardstick_sync(p: Problem):
+    """The yardstick, waiting for each step's result before the next call.
+
+    This is the floor for any step that raises its runtime checks at the call
+    (`eqx.filter_jit` semantics, and `make_pc_step`'s non-finite-energy check):
+    the Python work of a call can no longer overlap with the previous step.
+    """
+    step, state = impl_yardstick(p)
+
+    def synced(state):
+        state, marker = step(state)
+        return state, marker.block_until_ready()
+
+    return synced, state
 
 
 def impl_bp_yardstick(p: Problem):
@@ -171,6 +201,7 @@ def impl_bp(p: Problem):
 
 IMPLS: dict[str, Callable] = {
     "yardstick": impl_yardstick,
+    "yardstick_sync": impl_yardstick_sync,
     "fused": impl_fused,
     "ode": impl_ode,
     "loop": impl_loop,
@@ -239,30 +270,40 @@ def time_interleaved(impls: dict, rounds: int, target: float) -> dict[str, dict]
     """Seconds per step, implementations interleaved in rounds.
 
     The order of the implementations is reversed every other round. Besides the
-    median and min time, each entry has the median over rounds of its time
+    median and min wall time, each entry has the median over rounds of its time
     divided by the first implementation's time in the same round (a paired ratio,
-    robust to load that changes between rounds). `first_state` is the state after
-    the first (compiling) call, used to check the maths.
+    robust to load that changes between rounds), and the same two numbers for the
+    CPU time of this process (`time.process_time`: the work done, all threads,
+    without the time spent waiting for a core on a shared machine).
+    `first_state` is the state after the first (compiling) call, used to check
+    the maths.
     """
     entries = {}
     for name, (step, state) in impls.items():
         first_s, state = first_call(step, state)
         first_state = state
         n, state = calibrate(step, state, target)
-        entries[name] = dict(step=step, state=state, n=n, times=[], first=first_s)
-        entries[name]["first_state"] = first_state
+        entries[name] = dict(step=step, state=state, n=n, first=first_s)
+        entries[name].update(times=[], cpu=[], first_state=first_state)
     order = list(entries.values())
     for r in range(rounds):
         for e in order if r % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             e["state"] = _run(e["step"], e["state"], e["n"])
+            e["cpu"].append((time.process_time() - cpu) / e["n"])
             e["times"].append((time.perf_counter() - start) / e["n"])
-    base = order[0]["times"]
+    base, base_cpu = order[0]["times"], order[0]["cpu"]
+
+    def paired(ts, bs):
+        return statistics.median(t / max(b, 1e-12) for t, b in zip(ts, bs))
+
     return {
         name: dict(
             median_s=statistics.median(e["times"]),
             min_s=min(e["times"]),
-            paired_ratio=statistics.median(t / b for t, b in zip(e["times"], base)),
+            paired_ratio=paired(e["times"], base),
+            median_cpu_s=statistics.median(e["cpu"]),
+            paired_cpu_ratio=paired(e["cpu"], base_cpu),
             first_call_s=e["first"],
             steps_per_round=e["n"],
             rounds=rounds,
@@ -330,6 +371,26 @@ def ratios(times: dict, n_steps: int) -> dict[str, float]:
     return out
 
 
+def depth_fit(rows: list[dict]) -> dict[str, float]:
+    """Slope of log(time) against log(depth) for step and compile times.
+
+    A slope of 1 is linear growth; above 1, faster than linear.
+    """
+    if len(rows) < 2:
+        return {}
+    logd = np.log([r["depth"] for r in rows])
+    fit = {}
+    for key in rows[0]:
+        if key.endswith("_s"):
+            values = np.maximum([r[key] for r in rows], 1e-9)
+            slope = np.polyfit(logd, np.log(values), 1)[0]
+            fit[f"{key[:-2]} log-log slope"] = float(slope)
+            # The same slope over the last interval (the deepest networks only).
+            last = np.diff(np.log(values[-2:])) / np.diff(logd[-2:])
+            fit[f"{key[:-2]} last-interval slope"] = float(last[0])
+    return fit
+
+
 def run_depth(depths, rounds, target) -> list[dict]:
     rows = []
     for depth in depths:
@@ -392,7 +453,10 @@ def run_recompiles(counter: CompileCounter) -> dict[str, Any]:
         out[f"{name}: first call (listener check, > 0)"] = first
         out[f"{name}: new Python floats"] = counter.during(fn, 2e-4, 0.8, 1.2)
         arrays = [jnp.asarray(v) for v in (3e-4, 0.7, 1.3)]
-        out[f"{name}: JAX array values"] = counter.during(fn, *arrays)
+        # Arrays instead of floats are a new input type: one compilation expected.
+        out[f"{name}: first JAX array values (new type)"] = counter.during(fn, *arrays)
+        arrays = [jnp.asarray(v) for v in (4e-4, 0.6, 1.4)]
+        out[f"{name}: new JAX array values"] = counter.during(fn, *arrays)
     counter.during(update, 1e-4, 0.9)
     out["update_pc_activities: new Python floats"] = counter.during(update, 5e-4, 0.5)
     return out
@@ -417,17 +481,23 @@ def _fmt_row(row: dict) -> str:
 
 def print_table(results: dict) -> None:
     columns = list(IMPLS)
-    print("\nmedian time per step (ratio of medians | median paired ratio)")
-    print(f"{'':4}" + "".join(f"{c:>22}" for c in columns))
+    width = 28
+    print(
+        "\nmedian wall time per step (ratios to the yardstick: of medians | paired"
+        " wall | paired CPU time)"
+    )
+    print(f"{'':4}" + "".join(f"{c:>{width}}" for c in columns))
     for name, entry in results.items():
         times, base = entry["times"], entry["times"]["yardstick"]["median_s"]
         cells = []
         for c in columns:
             if c not in times:
-                cells.append(f"{'-':>22}")
+                cells.append(f"{'-':>{width}}")
                 continue
-            t, paired = times[c]["median_s"], times[c]["paired_ratio"]
-            cells.append(f"{_fmt_time(t) + f' ({t / base:.2f}x|{paired:.2f}x)':>22}")
+            t = times[c]["median_s"]
+            paired, cpu = times[c]["paired_ratio"], times[c]["paired_cpu_ratio"]
+            cell = f"{_fmt_time(t)} ({t / base:.2f}|{paired:.2f}|{cpu:.2f})"
+            cells.append(f"{cell:>{width}}")
         print(f"{name:4}" + "".join(cells))
     print("\nfirst call (compile + one step)")
     for name, entry in results.items():
@@ -441,6 +511,83 @@ def print_table(results: dict) -> None:
             print(f"{name} ODE solver steps: {s}")
 
 
+def _fmt_fit(fit: dict) -> str:
+    return ", ".join(f"{k}={v:.2f}" for k, v in fit.items())
+
+
+def run_without_checks(rounds: int, quick: bool) -> dict:
+    """W0 again in a subprocess with `EQX_ON_ERROR=nan`.
+
+    With that setting (read by Equinox at import) a failed check gives NaN instead
+    of raising, so `make_pc_step` need not wait for each result: this isolates the
+    cost of raising the non-finite-energy error at the call.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "w0_nan.json"
+        cmd = [sys.executable, "-m", "benchmarks.run", "--workloads", "W0"]
+        cmd += ["--skip", "depth,recompiles,nan", "--rounds", str(rounds)]
+        cmd += ["--out", str(out)] + (["--quick"] if quick else [])
+        env = dict(os.environ, EQX_ON_ERROR="nan")
+        print("\n[W0 with EQX_ON_ERROR=nan, subprocess]", flush=True)
+        subprocess.run(cmd, env=env, check=True, cwd=Path(__file__).parents[1])
+        return json.loads(out.read_text())["workloads"]["W0"]
+
+
+def _ratio(entry: dict, impl: str, kind: str) -> float:
+    times = entry["times"]
+    if kind == "CPU, paired":
+        return times[impl]["paired_cpu_ratio"]
+    if kind == "wall, paired":
+        return times[impl]["paired_ratio"]
+    if kind == "wall, min":
+        return times[impl]["min_s"] / times["yardstick"]["min_s"]
+    return times[impl]["median_s"] / times["yardstick"]["median_s"]
+
+
+def check_targets(results: dict) -> dict[str, Any]:
+    """The targets of SPEC §12 / issue 6, as `value (met|MISSED)` strings."""
+    out: dict[str, Any] = {}
+
+    def verdict(value: float, ok: bool) -> str:
+        return f"{value:.3f} ({'met' if ok else 'MISSED'})"
+
+    runs = dict(results.get("workloads", {}))
+    if "W0_eqx_on_error_nan" in results:
+        runs["W0 (EQX_ON_ERROR=nan)"] = results["W0_eqx_on_error_nan"]
+    for name, entry in runs.items():
+        limit = 1.5 if name.startswith("W0") else 1.10
+        if name.split()[0] not in ("W0", "W1", "W2", "W3"):
+            continue
+        kinds = ("wall, ratio of medians", "wall, paired", "CPU, paired", "wall, min")
+        for kind in kinds:
+            r = _ratio(entry, "fused", kind)
+            out[f"{name} fused/yardstick <= {limit} ({kind})"] = verdict(r, r <= limit)
+    for name, entry in results.get("workloads", {}).items():
+        for s in entry.get("ode_steps", []):
+            key = f"{name} ODE steps, stop vs fixed horizon, max_t1={s['max_t1']:g}"
+            out[key] = (
+                f"{s['stop_steps']} vs {s['fixed_steps']} "
+                f"({'fewer' if s['stop_steps'] < s['fixed_steps'] else 'same'};"
+                f" jpc's solve took {s['jpc_steps']})"
+            )
+    fit = results.get("depth_fit", {})
+    for key in (
+        "fused_compile log-log slope",
+        "yardstick_compile log-log slope",
+        "fused_compile last-interval slope",
+        "yardstick_compile last-interval slope",
+    ):
+        if key in fit:
+            out[f"depth: {key} <= 1.2"] = verdict(fit[key], fit[key] <= 1.2)
+    recompiles = results.get("recompiles")
+    if recompiles:
+        new = {k: v for k, v in recompiles.items() if ": new " in k}
+        out["recompiles on new float values == 0"] = (
+            f"{sum(new.values())} ({'met' if sum(new.values()) == 0 else 'MISSED'})"
+        )
+    return out
+
+
 def machine() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
@@ -448,6 +595,7 @@ def machine() -> dict[str, Any]:
         "equinox": eqx.__version__,
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),
+        "eqx_on_error": os.environ.get("EQX_ON_ERROR", "raise"),
         "n_devices": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
@@ -461,7 +609,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--workloads", default="W0,W1,W2,W3,W4")
     parser.add_argument("--depths", default=None, help="e.g. 8,16,32,64,128")
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--skip", default="", help="sections: depth,recompiles")
+    parser.add_argument(
+        "--skip", default="", help="sections to skip: depth,recompiles,nan"
+    )
     parser.add_argument("--out", default="benchmarks/results/results.json")
     args = parser.parse_args(argv)
     counter = CompileCounter()
@@ -477,9 +627,17 @@ def main(argv=None) -> dict:
     if "depth" not in args.skip:
         ds = [int(d) for d in depths.split(",")]
         results["depth"] = run_depth(ds, max(3, rounds // 3), target)
+        results["depth_fit"] = depth_fit(results["depth"])
+        print("depth scaling:", _fmt_fit(results["depth_fit"]), flush=True)
     if "recompiles" not in args.skip:
         results["recompiles"] = run_recompiles(counter)
         print("compilations:", results["recompiles"])
+    if "nan" not in args.skip and "W0" in names:
+        results["W0_eqx_on_error_nan"] = run_without_checks(rounds, args.quick)
+    results["targets"] = check_targets(results)
+    print("\ntargets:")
+    for key, value in results["targets"].items():
+        print(f"  {key}: {value}")
     results["wall_s"] = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

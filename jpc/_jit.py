@@ -10,20 +10,30 @@ per-call work:
   identity (modules are immutable), so the model and optimiser state returned by
   one step are not flattened again when they are passed to the next;
 - the compiled program is found by a dictionary lookup on the static part and
-  called through `jax.jit`'s C++ dispatch with a flat list of arrays.
+  called through `jax.jit`'s C++ dispatch with a flat list of arrays;
+- the call waits for its result only when it must: when the program contains a
+  host callback (an `eqx.error_if` check with `EQX_ON_ERROR=raise`), so that a
+  failed check is raised at the call as with `eqx.filter_jit`. Other programs
+  are dispatched asynchronously, as with `jax.jit`, so that the Python work of
+  the next call overlaps with this one's computation. The outputs are rebuilt
+  while the program runs, before waiting.
 
 Modules holding a mutable container (a `list` or `dict` field) are never
-remembered: they are flattened on every call.
+remembered: they are flattened on every call. Static leaves must be hashable, as
+in `eqx.filter_jit`; an unhashable one raises a `ValueError` (it would otherwise
+mean a new compilation on every call).
 """
 
 import functools
 import logging
+import os
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -34,6 +44,9 @@ _kinds: dict = {}  # type -> _ARRAY, _MODULE or _OTHER
 _JIT_CACHE_SIZE = 64  # compiled variants kept per jitted function
 _MAX_STRUCTURES = 4096
 _EQX_ERROR = "_EquinoxRuntimeError: "
+# Equinox reads the same variable when it is imported. With "nan" or "off" a check
+# never raises, so no call has to wait for its result.
+_CHECKS_RAISE = os.environ.get("EQX_ON_ERROR", "raise") in ("raise", "breakpoint")
 
 
 class _Static:
@@ -57,15 +70,32 @@ def _immutable(treedef: Any) -> bool:
 
 
 class _Structure:
-    """The flattening of one module: treedef, static leaves, number of arrays."""
+    """The flattening of one module: treedef, static leaves, number of arrays.
 
-    __slots__ = ("treedef", "static", "n_arrays", "cacheable")
+    Compared and hashed by content (the hash is computed once), so two equal
+    flattenings are the same key of a compiled program even if they are distinct
+    objects (e.g. after `_structures` was cleared).
+    """
 
-    def __init__(self, treedef: Any, static: tuple, cacheable: bool):
+    __slots__ = ("treedef", "static", "n_arrays", "cacheable", "_hash")
+
+    def __init__(self, treedef: Any, static: tuple, cacheable: bool, hash_: int):
         self.treedef = treedef
         self.static = static
         self.n_arrays = sum(leaf is _DYNAMIC for leaf in static)
         self.cacheable = cacheable
+        self._hash = hash_
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: Any) -> bool:
+        return self is other or (
+            type(other) is _Structure
+            and self._hash == other._hash
+            and self.treedef == other.treedef
+            and self.static == other.static
+        )
 
     def build(self, arrays: Iterator) -> tuple[Any, list]:
         taken = [next(arrays) for _ in range(self.n_arrays)]
@@ -77,16 +107,25 @@ _structures: dict = {}  # (treedef, static leaves) -> _Structure, so keys hash f
 _modules: dict = {}  # id(module) -> (weakref, _Structure, arrays)
 
 
-def _structure(treedef: Any, static: tuple) -> _Structure:
+def _unhashable(what: Any, err: TypeError) -> ValueError:
+    return ValueError(
+        "Non-hashable static arguments are not supported (as in `eqx.filter_jit`): "
+        f"every non-array leaf is part of the compiled program's key. {err} "
+        f"(in {type(what).__name__})."
+    )
+
+
+def _structure(treedef: Any, static: tuple, module: Any) -> _Structure:
+    key = (treedef, static)
     try:
-        found = _structures.get((treedef, static))
-    except TypeError:  # an unhashable static leaf: never cached
-        return _Structure(treedef, static, cacheable=False)
+        found = _structures.get(key)
+    except TypeError as err:
+        raise _unhashable(module, err) from None
     if found is None:
         if len(_structures) >= _MAX_STRUCTURES:
             _structures.clear()
-        found = _structures[(treedef, static)] = _Structure(
-            treedef, static, _immutable(treedef)
+        found = _structures[key] = _Structure(
+            treedef, static, _immutable(treedef), hash(key)
         )
     return found
 
@@ -145,7 +184,7 @@ def _module_leaves(module: Any) -> tuple[_Structure, list]:
         return entry[1], entry[2]
     leaves, treedef = jtu.tree_flatten(module)
     arrays, static = _split(leaves)
-    structure = _structure(treedef, static)
+    structure = _structure(treedef, static, module)
     if not any(isinstance(a, jax.core.Tracer) for a in arrays):
         _remember(module, structure, arrays)
     return structure, arrays
@@ -205,6 +244,27 @@ def _traceable(fn: Callable, treedef: Any, slots: tuple) -> Callable:
     return traced
 
 
+def _has_callback(jaxpr: Any) -> bool:
+    """Whether a jaxpr (or one nested in it) calls back to the host."""
+    for eqn in jaxpr.eqns:
+        if "callback" in eqn.primitive.name:
+            return True
+        if any(_has_callback(sub) for sub in jex.jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+def _must_wait(compiled: Any, arrays: list) -> bool:
+    """Whether calls of `compiled` wait for their result (see the module doc).
+
+    Traces `compiled` (`jax.jit` keeps the trace, so the call that follows does not
+    trace again) and looks for a host callback in the program.
+    """
+    if not _CHECKS_RAISE:
+        return False
+    return _has_callback(compiled.trace(arrays).jaxpr.jaxpr)
+
+
 _callback_logger = logging.getLogger("jax._src.callback")
 
 
@@ -226,34 +286,46 @@ def lean_jit(fn: Callable) -> Callable:
     """`eqx.filter_jit(fn)` with a small per-call cost.
 
     Arrays (JAX or NumPy) are traced and every other leaf is static, as in
-    `eqx.filter_jit`; like it, each call waits for its result so that an
-    `eqx.error_if` failure is raised at the call, as `eqx.EquinoxRuntimeError`.
+    `eqx.filter_jit`; like it, a call whose program holds an `eqx.error_if` check
+    waits for its result, so that a failure is raised at the call as
+    `eqx.EquinoxRuntimeError`. Calls of programs without such a check return at
+    once, as with `jax.jit`.
     """
-    cache: dict = {}
+    cache: dict = {}  # (treedef, slots) -> [jitted, wait or None (undecided)]
 
     @functools.wraps(fn)
     def jitted(*args, **kwargs):
         treedef, slots, arrays = flatten((args, kwargs))
         key = (treedef, slots)
-        compiled = cache.get(key)
-        if compiled is None:
+        try:
+            entry = cache.get(key)
+        except TypeError as err:
+            raise _unhashable(fn, err) from None
+        if entry is None:
             if len(cache) >= _JIT_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
-            compiled = cache[key] = jax.jit(_traceable(fn, treedef, slots))
-        _callback_logger.addFilter(_quiet_callback_failure)
+            entry = cache[key] = [jax.jit(_traceable(fn, treedef, slots)), None]
+        compiled, wait = entry
+        if wait is None and not any(isinstance(a, jax.core.Tracer) for a in arrays):
+            wait = entry[1] = _must_wait(compiled, arrays)
+        if wait:
+            _callback_logger.addFilter(_quiet_callback_failure)
         try:
             out_arrays, out_static = compiled(arrays)
             concrete = bool(out_arrays) and not isinstance(
                 out_arrays[0], jax.core.Tracer
             )
-            if concrete:
+            out_def, out_slots = out_static.value
+            # Rebuild the outputs while the program runs, then wait if needed.
+            out = unflatten(out_def, out_slots, out_arrays, remember=concrete)
+            if wait and concrete:
                 out_arrays[0].block_until_ready()
         except (jax.errors.JaxRuntimeError, ValueError) as err:
             _raise_runtime_error(err)
         finally:
-            _callback_logger.removeFilter(_quiet_callback_failure)
-        out_def, out_slots = out_static.value
-        return unflatten(out_def, out_slots, out_arrays, remember=concrete)
+            if wait:
+                _callback_logger.removeFilter(_quiet_callback_failure)
+        return out
 
     return jitted
 

@@ -140,3 +140,98 @@ def test_error_if_returns_tree_unchanged_and_raises():
     assert_trees_close(out, tree, rtol=0)
     with pytest.raises(Exception, match="bad value"):
         jax.block_until_ready(f(tree, True))
+
+
+class Unhashable:
+    """A static leaf that cannot be hashed (like a `set`)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other):
+        return isinstance(other, Unhashable)
+
+
+class WithUnhashable(eqx.Module):
+    weight: jax.Array
+    tag: object
+
+
+@pytest.mark.parametrize("where", ["module", "argument"])
+def test_unhashable_static_leaf_raises_like_filter_jit(where):
+    # Before: a module with an unhashable static leaf was re-traced and compiled on
+    # every call, silently. `eqx.filter_jit` refuses it with a `ValueError`.
+    traces = []
+
+    def f(tree):
+        traces.append(1)
+        return jax.tree_util.tree_leaves(tree)[0] * 2
+
+    tree = WithUnhashable(jnp.ones(2), Unhashable())
+    if where == "argument":
+        tree = (jnp.ones(2), Unhashable())
+    with pytest.raises(ValueError, match="Non-hashable"):
+        eqx.filter_jit(f)(tree)
+    with pytest.raises(ValueError, match="Non-hashable"):
+        _jit.lean_jit(f)(tree)
+
+
+def test_equal_structures_share_the_compiled_program(setup):
+    # Structures are keys by content: forgetting every remembered flattening must
+    # not cause a new trace for the same model structure.
+    model, x = setup
+    traces = []
+
+    def f(model, x):
+        traces.append(1)
+        return _fn(model, x, scale=np.asarray(1.0))["z"]
+
+    jitted = _jit.lean_jit(f)
+    first = jitted(model, x)
+    _jit._structures.clear()
+    _jit._modules.clear()
+    copy = jax.tree_util.tree_map(lambda a: a + 0 if eqx.is_array(a) else a, model)
+    second = jitted(copy, x)
+    assert len(traces) == 1
+    assert_trees_close(second, first, rtol=0)
+
+
+def _checked(x):
+    return eqx.error_if(x * 2, x > 0, "positive input")
+
+
+def test_only_programs_with_a_check_wait(setup):
+    model, x = setup
+    plain = _jit.lean_jit(_fn)
+    plain(model, x, scale=np.asarray(1.0))
+    checked = _jit.lean_jit(_checked)
+    checked(jnp.asarray(-1.0))
+    wait_of = {id(f): [e[1] for e in f_cache(f)] for f in (plain, checked)}
+    assert wait_of[id(plain)] == [False]
+    assert wait_of[id(checked)] == [True]
+    # An asynchronous result is still the right value (reference: `eqx.filter_jit`).
+    out = plain(model, 3 * x, scale=np.asarray(0.5))
+    ref = eqx.filter_jit(_fn)(model, 3 * x, scale=np.asarray(0.5))
+    assert_trees_close((out["z"], out["model"]), (ref["z"], ref["model"]), rtol=1e-12)
+
+
+def f_cache(f):
+    """The `cache` dict closed over by a `lean_jit` wrapper."""
+    (cache,) = [
+        c.cell_contents
+        for c in f.__closure__
+        if isinstance(c.cell_contents, dict) and c.cell_contents is not _jit._kinds
+    ]
+    return cache.values()
+
+
+@pytest.mark.parametrize("eager_first", [True, False])
+def test_checked_program_inside_outer_jit(eager_first):
+    # A program that waits when called eagerly must not wait on tracers (and the
+    # other way round), whichever of the two calls comes first.
+    checked = _jit.lean_jit(_checked)
+    outer = jax.jit(lambda x: checked(x) + 1)
+    calls = [lambda: checked(jnp.asarray(-1.0)), lambda: outer(jnp.asarray(-1.0))]
+    results = [c() for c in (calls if eager_first else calls[::-1])]
+    assert sorted(float(r) for r in results) == [-2.0, -1.0]
+    with pytest.raises(eqx.EquinoxRuntimeError, match="positive input"):
+        checked(jnp.asarray(1.0))
