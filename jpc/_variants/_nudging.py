@@ -29,6 +29,7 @@ import jax.tree_util as jtu
 
 from .._energies import regulariser
 from .._grads import _param_value_and_grad
+from .._jit import error_if
 from ._common import optax_update
 
 
@@ -72,6 +73,11 @@ def nudged_param_step(
     t_max, output_energy_scaling)` of the first (`+β` for `"centred"`) phase and
     `energy` sums the phases' energies.
     """
+    # A traced `beta` (every non-zero Python float is passed traced) can only be
+    # checked at run time: a zero would silently turn the update into inf/NaN.
+    beta = error_if(
+        beta, jnp.asarray(beta) == 0, "make_pc_step: `beta` must be non-zero."
+    )
     lam = energy_kwargs["output_energy_scaling"]
     lam = 1.0 if lam is None else lam
     phase_kwargs = dict(energy_kwargs, weight_decay=0.0, spectral_penalty=0.0)

@@ -75,7 +75,11 @@ def _check_zil_options(input, hybrid_steps, activity_optim) -> None:
             "Z-IL is supervised: `input` must be given (feedforward initialisation), "
             "got `input=None`."
         )
-    if not isinstance(hybrid_steps, int) or hybrid_steps < 0:
+    if (
+        isinstance(hybrid_steps, bool)
+        or not isinstance(hybrid_steps, int)
+        or hybrid_steps < 0
+    ):
         raise ValueError(
             f"`hybrid_steps` must be a non-negative integer, got {hybrid_steps!r}."
         )
