@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--hpc-test-max-t1",
         type=float,
-        default=100.0,
+        default=20.0,
         help="per-example inference time of test_hpc (times the test batch size)",
     )
     parser.add_argument("--seed", type=int, default=0)
