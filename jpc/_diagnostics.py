@@ -57,6 +57,17 @@ class BackpropComparison(TypedDict):
     np: LayerwiseScore
 
 
+def _check_leading_axis(name: str, leaves: list) -> None:
+    """Every leaf needs the same leading axis of samples."""
+    sizes = {a.shape[0] if a.ndim > 0 else None for a in leaves}
+    if None in sizes or len(sizes) > 1:
+        shapes = [tuple(a.shape) for a in leaves]
+        raise ValueError(
+            f"Every array leaf of `{name}` must have the same leading axis of "
+            f"samples (one row per example), got leaves of shapes {shapes}."
+        )
+
+
 def _layer_vectors(grads: Any, name: str, with_axis: bool = False) -> list[Array]:
     """Every array leaf of each top-level entry, flattened (keeping a leading axis)."""
     check_sequence(name, grads)
@@ -64,6 +75,7 @@ def _layer_vectors(grads: Any, name: str, with_axis: bool = False) -> list[Array
     for layer in grads:
         leaves = jtu.tree_leaves(eqx.filter(layer, eqx.is_array))
         if with_axis:
+            _check_leading_axis(name, leaves)
             parts = [jnp.reshape(a, (a.shape[0], -1)) for a in leaves]
             vectors.append(jnp.concatenate(parts, axis=1) if parts else None)
         else:

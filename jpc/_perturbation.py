@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._checks import traced_floats
@@ -29,6 +30,18 @@ def _normal_like(key: Array, tree: PyTree, sigma: Any) -> PyTree:
 def _check_samples(n_samples: Any) -> None:
     if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
         raise ValueError(f"`n_samples` must be a positive integer, got {n_samples!r}.")
+
+
+def _check_sigma(sigma: Any) -> None:
+    """A zero `sigma` divides by zero (NaN estimates); it stays static, so check it.
+
+    Non-zero Python numbers arrive traced (`traced_floats`) and are not checked: a
+    negative `sigma` is valid (the perturbations are symmetric).
+    """
+    if isinstance(sigma, bool) or (
+        isinstance(sigma, (int, float, np.number)) and sigma == 0
+    ):
+        raise ValueError(f"`sigma` must be a non-zero float, got {sigma!r}.")
 
 
 @traced_floats("sigma")
@@ -68,10 +81,12 @@ def compute_wp_param_grads(
 
     **Raises:**
 
-    `ValueError` for an unknown `loss_id` or a non-positive `n_samples`.
+    `ValueError` for an unknown `loss_id`, a non-positive `n_samples` or a zero
+    `sigma`.
     """
     check_rule_inputs(model, skip_model, x, y, loss_id)
     _check_samples(n_samples)
+    _check_sigma(sigma)
     scalings = scalings_for(model, x, skip_model, param_type)
     params, static = eqx.partition(model, eqx.is_array)
 
@@ -144,10 +159,12 @@ def compute_np_param_grads(
 
     **Raises:**
 
-    `ValueError` for an unknown `loss_id` or a non-positive `n_samples`.
+    `ValueError` for an unknown `loss_id`, a non-positive `n_samples` or a zero
+    `sigma`.
     """
     check_rule_inputs(model, skip_model, x, y, loss_id)
     _check_samples(n_samples)
+    _check_sigma(sigma)
     scalings = scalings_for(model, x, skip_model, param_type)
     outputs = feedforward(model, x, skip_model, scalings)
     base = per_example_losses(model, skip_model, scalings, x, y, loss_id)

@@ -17,6 +17,7 @@ import optax
 from ._checks import check_batch, check_model, traced_floats
 from ._layers import get_param_scalings, weight_leaves
 from ._types import Array, Float, Model, Params, ParamType, PyTree, Scalar
+from ._utils import _ACT_FNS
 
 
 class LinearParamUpdate(TypedDict):
@@ -39,6 +40,16 @@ def _has_bias(layer: Any) -> bool:
     return False
 
 
+def _nonlinear_activation(layer: Any) -> str | None:
+    """Name of a known nonlinear `jpc.get_act_fn` activation used by `layer`."""
+    nonlinear = {id(fn): name for name, fn in _ACT_FNS.items() if name != "linear"}
+    lambdas = jtu.tree_leaves(layer, is_leaf=lambda n: isinstance(n, eqx.nn.Lambda))
+    for node in lambdas:
+        if isinstance(node, eqx.nn.Lambda) and id(node.fn) in nonlinear:
+            return nonlinear[id(node.fn)]
+    return None
+
+
 def linear_weights(model: Model) -> list[Array]:
     """The one `weight` matrix of every layer of a linear `model`, as `(out, in)`."""
     check_model(model)
@@ -50,6 +61,13 @@ def linear_weights(model: Model) -> list[Array]:
             raise ValueError(
                 f"`model[{i}]` must hold exactly one 2-D `weight` array for the "
                 f"linear theory, found weights of shapes {shapes}."
+            )
+        act = _nonlinear_activation(layer)
+        if act is not None:
+            raise ValueError(
+                f"`model[{i}]` applies the nonlinear activation {act!r}; the linear "
+                "theory needs linear layers (e.g. `jpc.make_mlp(..., "
+                "act_fn='linear', use_bias=False)`)."
             )
         if _has_bias(layer):
             raise ValueError(

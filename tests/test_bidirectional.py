@@ -291,3 +291,19 @@ def test_errors_raise(key):
         jpc.update_bpc_params(
             td, bu, acts, optax.sgd(0.1), (None, None), y, input=pb["x"]
         )
+
+
+def test_update_batch_errors_name_input_and_output(key):
+    pb = make_problem(key)
+    td, bu, acts, y = pb["top_down"], pb["bottom_up"], pb["activities"], pb["y"]
+    optim = optax.sgd(0.1)
+    match = "`input` and `output` must have the same batch size"
+    with pytest.raises(ValueError, match=match):
+        jpc.update_bpc_activities(
+            td, bu, acts, optim, optim.init(acts), y, input=pb["x"][:2]
+        )
+    states = tuple(optim.init(eqx.filter(m, eqx.is_array)) for m in (td, bu))
+    with pytest.raises(ValueError, match=match):
+        jpc.update_bpc_params(
+            td, bu, acts, (optim, optim), states, y, input=pb["x"][:2]
+        )

@@ -207,3 +207,11 @@ def test_compare_to_backprop_errors(key):
         jpc.compare_to_backprop(
             p.model, p.x, p.y, key=key, activity_optim=optax.sgd(0.1)
         )
+
+
+def test_grad_snr_needs_a_shared_leading_axis():
+    """Leaves without (or with different) leading sample axes raise a ValueError."""
+    with pytest.raises(ValueError, match="`per_example_grads` must have the same"):
+        jpc.compute_grad_snr([jnp.ones(())])
+    with pytest.raises(ValueError, match=r"shapes \[\(3, 2\), \(4,\)\]"):
+        jpc.compute_grad_snr([(jnp.ones((3, 2)), jnp.ones(4))])

@@ -276,3 +276,47 @@ def test_errors_raise(key):
         jpc.epc_energy_fn(p.params, errors, p.y, x=p.x, loss="l2")
     with pytest.raises(ValueError, match="`errors\\[0\\]` must have batch size 3"):
         energy(p, [e[:2] for e in errors])
+
+
+def test_loss_id_errors_name_loss_id(key):
+    """The `loss_id` wrappers name `loss_id` (not `loss`) and the value received."""
+    p, errors = make_problem(key, CASES[0])
+    optim = optax.sgd(0.1)
+    calls = [
+        lambda: jpc.compute_epc_error_grad(p.params, errors, p.y, x=p.x, loss_id="l2"),
+        lambda: jpc.compute_epc_param_grads(p.params, errors, p.y, x=p.x, loss_id="l2"),
+        lambda: jpc.update_epc_errors(
+            p.params, errors, optim, optim.init(errors), p.y, input=p.x, loss_id="l2"
+        ),
+        lambda: jpc.update_epc_params(
+            p.params,
+            errors,
+            optim,
+            init_param_opt(optim, p.model, p.skip_model),
+            p.y,
+            input=p.x,
+            loss_id="l2",
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="`loss_id` must be one of .*got 'l2'"):
+            call()
+
+
+def test_params_must_be_a_pair(key):
+    p, errors = make_problem(key, CASES[0])
+    with pytest.raises(TypeError, match="`params` must be the pair.*got list"):
+        jpc.epc_energy_fn(p.model, errors, p.y, x=p.x)
+
+
+def test_update_batch_errors_name_input_and_output(key):
+    p, errors = make_problem(key, CASES[0])
+    optim = optax.sgd(0.1)
+    match = "`input` and `output` must have the same batch size"
+    with pytest.raises(ValueError, match=match):
+        jpc.update_epc_errors(
+            p.params, errors, optim, optim.init(errors), p.y, input=p.x[:2]
+        )
+    state = init_param_opt(optim, p.model, p.skip_model)
+    with pytest.raises(ValueError, match=match):
+        jpc.update_epc_params(p.params, errors, optim, state, p.y, input=p.x[:2])

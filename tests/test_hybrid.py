@@ -237,3 +237,19 @@ def test_errors_raise(key):
         jpc.make_hpc_step(
             generator, amortiser, optims, states, obs, activity_optim=optax.sgd(0.1)
         )
+
+
+def test_step_errors_name_the_arguments(key):
+    """Bad `output`, `input`, `layer_sizes` and `batch_size` are named in the error."""
+    generator, amortiser, obs, labels = make_problem(key)
+    optims = (optax.sgd(0.1), optax.sgd(0.1))
+    states = init_states(optims, generator, amortiser)
+    with pytest.raises(ValueError, match="`input` and `output` must have the same"):
+        jpc.make_hpc_step(generator, amortiser, optims, states, obs, input=labels[:2])
+    with pytest.raises(ValueError, match="`output` \\(the observation"):
+        jpc.make_hpc_step(generator, amortiser, optims, states, obs[:, :2])
+    sizes = [D_PRIOR, N, N, D_OBS]
+    with pytest.raises(ValueError, match="`layer_sizes` must have 4 entries.*got 3"):
+        jpc.test_hpc(generator, amortiser, obs, labels, key, sizes[1:], B)
+    with pytest.raises(ValueError, match=f"`batch_size` must equal .*\\({B}\\), got 7"):
+        jpc.test_hpc(generator, amortiser, obs, labels, key, sizes, 7)

@@ -225,3 +225,31 @@ def test_errors_raise(key):
             n_inference_steps=2,
             loss_id="MSE",
         )
+
+
+def test_unsupervised_and_batch_errors_name_the_arguments(key):
+    p = random_problem(key, WIDTHS, 3)
+    optim = optax.sgd(0.1)
+    state = init_param_opt(optim, p.model)
+    kw = dict(activity_optim=optim, n_inference_steps=2)
+    with pytest.raises(ValueError, match="`input` and `output` must have the same"):
+        jpc.make_ipc_step(p.model, optim, state, p.y, input=p.x[:2], **kw)
+    with pytest.raises(ValueError, match="needs `key`, `layer_sizes`.*missing: key"):
+        jpc.make_ipc_step(
+            p.model, optim, state, p.y, layer_sizes=WIDTHS, batch_size=3, **kw
+        )
+    with pytest.raises(ValueError, match="`layer_sizes` must have 4 entries.*got 3"):
+        jpc.make_ipc_step(
+            p.model,
+            optim,
+            state,
+            p.y,
+            key=key,
+            layer_sizes=WIDTHS[1:],
+            batch_size=3,
+            **kw,
+        )
+    with pytest.raises(ValueError, match="`batch_size` must equal .*\\(3\\), got 5"):
+        jpc.make_ipc_step(
+            p.model, optim, state, p.y, key=key, layer_sizes=WIDTHS, batch_size=5, **kw
+        )

@@ -296,3 +296,12 @@ def test_rule_errors(key, keys):
     doubled = [p.model[0], twice, p.model[2]]
     with pytest.raises(ValueError, match="exactly one `eqx.nn.Linear`"):
         jpc.init_feedback_weights(keys[0], doubled)
+
+
+@pytest.mark.parametrize("sigma", [0, 0.0])
+def test_perturbation_rejects_zero_sigma(key, keys, sigma):
+    """A zero `sigma` divides by zero: a clear error instead of NaN estimates."""
+    p = problem(key)
+    for fn in (jpc.compute_wp_param_grads, jpc.compute_np_param_grads):
+        with pytest.raises(ValueError, match="`sigma` must be a non-zero float, got 0"):
+            fn(keys[0], p.model, p.x, p.y, sigma=sigma)

@@ -508,3 +508,15 @@ def test_errors(key):
         jpc.linear_equilib_energy(p.model, p.x, p.y)
     with pytest.raises(ValueError, match="`param_type` must be one of"):
         jpc.linear_equilib_energy(p.params, p.x, p.y, param_type="mup")
+
+
+@pytest.mark.parametrize("act_fn", ["tanh", "relu"])
+def test_nonlinear_activation_is_rejected(key, act_fn):
+    """A `make_mlp` model with a nonlinear activation is not silently read as linear."""
+    p = linear_problem(key, ("sp", False, None, None))
+    model = jpc.make_mlp(key, 3, 4, 3, 2, act_fn)
+    match = f"`model\\[1\\]` applies the nonlinear activation '{act_fn}'"
+    with pytest.raises(ValueError, match=match):
+        jpc.linear_equilib_energy((model, None), p.x, p.y)
+    with pytest.raises(ValueError, match=match):
+        jpc.compute_linear_activity_solution(model, p.x, p.y)

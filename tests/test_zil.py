@@ -189,11 +189,14 @@ def _ffwd_out(model, x):
         (dict(hybrid_steps=3), "activity_optim"),
         (dict(loss_id="hinge"), "loss_id"),
         (dict(skip_model=[None]), "skip_model"),
+        (dict(input="short"), "`input` and `output` must have the same batch size"),
     ],
 )
 def test_make_zil_step_errors(key, kwargs, match):
     p = random_problem(key, [3, 4, 2], 2)
     optim = optax.sgd(LR)
     kw = dict(input=p.x) | kwargs
+    if isinstance(kw["input"], str):
+        kw["input"] = p.x[:1]
     with pytest.raises(ValueError, match=match):
         jpc.make_zil_step(p.model, optim, init_param_opt(optim, p.model), p.y, **kw)

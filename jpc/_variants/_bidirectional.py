@@ -266,6 +266,7 @@ def update_bpc_activities(
     A dict with `energy` (before the step), `activities` (after it), `grads` and
     `opt_state`.
     """
+    check_batch(output, input, [], y_name="output", x_name="input")
     energy, grads = compute_bpc_activity_grad(
         top_down_model,
         bottom_up_model,
@@ -314,6 +315,7 @@ def update_bpc_params(
     A dict with `models`, `grads` and `opt_states`, each a pair `(top_down,
     bottom_up)`.
     """
+    check_batch(output, input, [], y_name="output", x_name="input")
     optims = check_pair("optims", optims)
     opt_states = check_pair("opt_states", opt_states)
     _, grads = _models_value_and_grad(

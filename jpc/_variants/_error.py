@@ -118,6 +118,14 @@ def _split_errors(model, errors, x):
     return errors[0], list(errors[1:]), "errors[0]"
 
 
+def _check_params(params) -> None:
+    if not isinstance(params, (tuple, list)) or len(params) != 2:
+        raise TypeError(
+            "`params` must be the pair `(model, skip_model)`, got "
+            f"{type(params).__name__}."
+        )
+
+
 def perturbed_forward(model, skip_model, scalings, z0, errors, name) -> Array:
     """Output of the forward pass that adds `errors[l - 1]` to hidden layer `l`."""
     z = z0
@@ -176,6 +184,7 @@ def epc_energy_fn(
     """
     check_option("loss", loss, LOSSES)
     check_option("param_type", param_type, PARAM_TYPES)
+    _check_params(params)
     model, skip_model = params
     check_model(model, skip_model)
     z0, hidden, name = _split_errors(model, errors, x)
@@ -218,6 +227,7 @@ def compute_epc_error_grad(
 
     `(energy, grads)`, `grads` a list like `errors`.
     """
+    check_option("loss_id", loss_id, LOSSES)
     return jax.value_and_grad(epc_energy_fn, argnums=1)(
         params,
         list(errors),
@@ -255,6 +265,7 @@ def compute_epc_param_grads(
 
     `(model_grads, skip_model_grads)`, `None` wherever a leaf is not an array.
     """
+    check_option("loss_id", loss_id, LOSSES)
     return _param_value_and_grad(
         params,
         list(errors),
@@ -295,6 +306,8 @@ def update_epc_errors(
     A dict with `energy` (before the step), `errors` (after it), `grads` and
     `opt_state`.
     """
+    check_batch(output, input, [], y_name="output", x_name="input")
+    check_option("loss_id", loss_id, LOSSES)
     energy, grads = compute_epc_error_grad(
         params,
         errors,
@@ -338,6 +351,8 @@ def update_epc_params(
 
     A dict with the updated `model` and `skip_model`, the `grads` and `opt_state`.
     """
+    check_batch(output, input, [], y_name="output", x_name="input")
+    check_option("loss_id", loss_id, LOSSES)
     _, grads = _param_value_and_grad(
         params,
         list(errors),

@@ -37,7 +37,7 @@ from .._train import check_inference_options, infer
 from .._types import Activities, Array, Float, Model, PyTree, Scalar
 from .._updates import param_step
 from .._utils import compute_accuracy
-from ._common import check_pair, optax_update
+from ._common import check_pair, check_random_init, optax_update
 
 
 GENERATOR_ENERGY = dict(
@@ -102,6 +102,16 @@ def init_activities_with_amort(
     guesses = feedforward(amortiser, input)[::-1]
     prediction = predict(generator[-1], None, 1.0, guesses[-1], "the amortised z_{L-1}")
     return [*guesses, prediction]
+
+
+def _amortise_observation(amortiser, generator, output) -> list:
+    """`init_activities_with_amort` on `output`, naming `output` in its errors."""
+    try:
+        return init_activities_with_amort(amortiser, generator, output)
+    except ValueError as err:
+        raise ValueError(
+            f"`output` (the observation, the amortiser's input): {err}"
+        ) from err
 
 
 def _targets(equilib_activities, n_layers, y) -> list:
@@ -256,7 +266,8 @@ def make_hpc_step(
     check_inference_options(activity_optim, n_inference_steps)
     generator_optim, amortiser_optim = check_pair("optims", optims)
     generator_state, amortiser_state = check_pair("opt_states", opt_states)
-    amort_activities = init_activities_with_amort(amortiser, generator, output)
+    check_batch(output, input, [], y_name="output", x_name="input")
+    amort_activities = _amortise_observation(amortiser, generator, output)
     activities = amort_activities if input is None else amort_activities[1:]
     params = (generator, None)
     record = record_activities or record_energies
@@ -329,7 +340,8 @@ def test_hpc(
     activities (as [`jpc.test_generative_pc`][]); and the generator's feedforward
     prediction of the observation from the true labels.
     """
-    amort_activities = init_activities_with_amort(amortiser, generator, output)
+    check_random_init(generator, output, layer_sizes, batch_size)
+    amort_activities = _amortise_observation(amortiser, generator, output)
     check_batch(output, input, amort_activities, y_name="output", x_name="input")
     args = ((generator, None), output, None, "mse", "sp", 0.0, 0.0, 0.0)
     equilibrium = solve(

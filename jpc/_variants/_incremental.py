@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from .._checks import LOSSES, check_model, check_option, traced_floats
+from .._checks import LOSSES, check_batch, check_model, check_option, traced_floats
 from .._energies import layer_energies
 from .._train import PCStepResult, _norms, check_inference_options, initial_activities
 from .._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
 from .._updates import ENERGY_FLOATS, activity_step, param_step
 from .._utils import LOSS_FNS, compute_accuracy, compute_activity_norms
+from ._common import check_random_init
 
 
 def _layer_energies(params, activities, y, x, kw) -> Array:
@@ -143,6 +144,9 @@ def make_ipc_step(
             f"{n_inference_steps!r}."
         )
     check_inference_options(activity_optim, n_inference_steps)
+    check_batch(output, input, [], y_name="output", x_name="input")
+    if input is None:
+        check_random_init(model, output, layer_sizes, batch_size)
     kw = dict(
         loss_id=loss_id,
         param_type=param_type,
