@@ -2,14 +2,24 @@
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from ._checks import LOSSES, check_activities, check_batch, check_model, check_option
+from ._checks import (
+    LOSSES,
+    check_activities,
+    check_batch,
+    check_model,
+    check_option,
+    check_shape,
+)
 from ._layers import (
     check_output,
     get_param_scalings,
     layer_inputs,
     layer_predictions,
+    predict,
+    skip_at,
     weight_leaves,
 )
 from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
@@ -30,10 +40,14 @@ def regulariser(
     r"""$\frac{\lambda_w}{2}\sum\lVert W\rVert^2 + \frac{\lambda_s}{2}\sum\lVert W^\top
     W - I\rVert^2 + \frac{\lambda_z}{2}\sum_l \mathrm{mean}_i\lVert z_{l,i}\rVert^2$.
 
-    Terms whose coefficient is a literal `0` are left out of the program.
+    The sums run over the weight *matrices* (every `weight` array with at least two
+    axes, at any depth; conv kernels are read as `(out, rest)` matrices): a
+    one-axis `weight`, such as the gain of `eqx.nn.LayerNorm`, is not a matrix and,
+    like a bias, is left out. Terms whose coefficient is a literal `0` are left out
+    of the program.
     """
     total = 0.0
-    weights = weight_leaves(model)
+    weights = [w for w in weight_leaves(model) if w.ndim >= 2]
     if not _is_zero(weight_decay):
         total += 0.5 * weight_decay * sum(jnp.sum(w**2) for w in weights)
     if not _is_zero(spectral_penalty):
@@ -53,9 +67,19 @@ def regulariser(
     return total
 
 
-def check_energy_inputs(params, activities, y, x, loss, param_type) -> None:
-    """Trace-time checks shared by every function of the standard PC energy."""
-    check_option("loss", loss, LOSSES)
+def check_energy_inputs(
+    params, activities, y, x, loss, param_type, names: tuple | None = None
+) -> None:
+    """Trace-time checks shared by every function of the standard PC energy.
+
+    `names` is `(loss_name, y_name, x_name)`, the caller's own argument names (e.g.
+    `("loss_id", "output", "input")`) used in the error messages. When the clamps
+    are not called `y`/`x`, every layer's prediction shape is also checked here
+    (with `jax.eval_shape`, so nothing is computed), since the energy itself would
+    report a misfit under the names `y`/`x`.
+    """
+    loss_name, y_name, x_name = ("loss", "y", "x") if names is None else names
+    check_option(loss_name, loss, LOSSES)
     check_option("param_type", param_type, ("sp", "mupc", "ntp"))
     if not isinstance(params, (tuple, list)) or len(params) != 2:
         raise TypeError(
@@ -65,7 +89,30 @@ def check_energy_inputs(params, activities, y, x, loss, param_type) -> None:
     model, skip_model = params
     check_model(model, skip_model)
     check_activities(model, activities, supervised=x is not None)
-    check_batch(y, x, activities)
+    check_batch(y, x, activities, y_name, x_name)
+    if (y_name, x_name) != ("y", "x"):
+        _check_prediction_shapes(model, skip_model, activities, y, x, y_name, x_name)
+
+
+def _check_prediction_shapes(model, skip_model, activities, y, x, y_name, x_name):
+    """Shape-only pass over the layers (`jax.eval_shape`), naming the caller's args."""
+    inputs, input_names = layer_inputs(activities, x)
+    input_names = [x_name if n == "x" else n for n in input_names]
+    targets = [*inputs[1:], y]
+    target_names = [*input_names[1:], y_name]
+    for i, layer in enumerate(model):
+        skip = skip_at(skip_model, i)
+
+        def prediction(z, layer=layer, skip=skip, name=input_names[i]):
+            return predict(layer, skip, 1.0, z, name)
+
+        shape = jax.eval_shape(prediction, inputs[i]).shape
+        what = (
+            "the prediction of the last layer"
+            if i == len(model) - 1
+            else f"the prediction of `model[{i}]`"
+        )
+        check_shape(target_names[i], targets[i], shape, what)
 
 
 def layer_energies(
@@ -143,7 +190,8 @@ def pc_energy_fn(
     - `param_type`: `"sp"`, `"mupc"` or `"ntp"` (see [`jpc.get_param_scalings`][]).
     - `weight_decay`, `spectral_penalty`: coefficients of
         $\frac{1}{2}\sum\lVert W\rVert^2$ and $\frac{1}{2}\sum\lVert W^\top W -
-        I\rVert^2$ over every `weight` array in `model`, however deeply nested.
+        I\rVert^2$ over every weight matrix in `model` (each `weight` array with at
+        least two axes), however deeply nested; biases and one-axis gains excluded.
     - `activity_decay`: coefficient of $\frac{1}{2}\sum_l \mathrm{mean}_i
         \lVert z_{l,i}\rVert^2$ over the free activities.
     - `record_layers`: return the per-layer energies instead of their sum.

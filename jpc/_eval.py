@@ -22,6 +22,7 @@ from ._types import (
     SkipModel,
 )
 from ._utils import LOSS_FNS, compute_accuracy
+from ._variants._common import check_random_init
 
 
 def infer_energies(
@@ -166,6 +167,7 @@ def test_generative_pc(
     feedforward prediction of the data from the true labels `input`.
     """
     check_batch(output, input, [], y_name="output", x_name="input")
+    check_random_init(model, output, layer_sizes, batch_size)
     activities = init_activities_from_normal(
         key, layer_sizes, "unsupervised", batch_size, sigma
     )

@@ -6,8 +6,11 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 
-from ._energies import pc_energy_fn
+from ._energies import check_energy_inputs, pc_energy_fn
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
+
+
+_NAMES = ("loss_id", "y", "x")  # argument names used in error messages
 
 
 def compute_pc_activity_grad(
@@ -37,6 +40,7 @@ def compute_pc_activity_grad(
     `(energy, grads)`; `grads` is a list like `activities`, zero for the last
     (clamped, never read) entry.
     """
+    check_energy_inputs(params, activities, y, x, loss_id, param_type, _NAMES)
     return jax.value_and_grad(pc_energy_fn, argnums=1)(
         params,
         activities,
@@ -75,6 +79,7 @@ def compute_pc_param_grads(
     `(model_grads, skip_model_grads)`, shaped like `(model, skip_model)` with
     `None` wherever a leaf is not an array.
     """
+    check_energy_inputs(params, activities, y, x, loss_id, param_type, _NAMES)
     return _param_value_and_grad(
         params,
         activities,

@@ -93,8 +93,13 @@ def solve(
     record_iters=False,
     record_every=None,
     max_steps=None,
+    names=("loss_id", "output", "input"),
 ) -> list[Array]:
-    """Integrate the vector field `neg_pc_activity_grad` with `args` (not jitted)."""
+    """Integrate the vector field `neg_pc_activity_grad` with `args` (not jitted).
+
+    `names` are the caller's names of the loss option and the clamps `y`, `x`,
+    used in error messages.
+    """
     kwargs = unpack_vector_field_args(args)
     check_energy_inputs(
         kwargs["params"],
@@ -103,6 +108,7 @@ def solve(
         kwargs["x"],
         kwargs["loss_id"],
         kwargs["param_type"],
+        names,
     )
     _check_solve_options(dt, controller, max_t1)
     n_steps = _max_steps(max_steps, max_t1, dt, controller, record_iters)
@@ -175,8 +181,11 @@ def solve_inference(
     r"""Run inference $\dot z = -\partial\mathcal{F}/\partial z$ with a diffrax solver.
 
     Integrates from $t=0$ to `max_t1`, stopping early at a steady state:
-    $\mathrm{rms}(\partial\mathcal{F}/\partial z) < \texttt{atol} + \texttt{rtol}
-    \cdot \mathrm{rms}(z)$ with the controller's tolerances (1e-3 if it has none).
+    $\mathrm{rms}(B\,\partial\mathcal{F}/\partial z) < \texttt{atol} +
+    \texttt{rtol} \cdot \mathrm{rms}(z)$ over the free activities, with the
+    controller's tolerances (1e-3 if it has none). The field is taken per example
+    (times the batch size $B$, undoing the $1/B$ of the batch-mean energy), so the
+    stop does not depend on the batch size.
 
     **Arguments:**
 

@@ -1,5 +1,6 @@
 """Activity initialisation: feedforward pass and random normal draws."""
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,15 @@ def init_activities_with_ffwd(
     return feedforward(model, input, skip_model, scalings)
 
 
+def _is_count(value: Any) -> bool:
+    """A positive integer (Python or NumPy), not a bool."""
+    return (
+        isinstance(value, numbers.Integral)
+        and not isinstance(value, bool)
+        and value > 0
+    )
+
+
 def _as_shape(size: Any) -> tuple[int, ...]:
     return tuple(size) if isinstance(size, Sequence) else (size,)
 
@@ -74,13 +84,13 @@ def init_activities_from_normal(
     `ValueError` for an unknown `mode` or a non-positive `batch_size`.
     """
     check_option("mode", mode, MODES)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not _is_count(batch_size):
         raise ValueError(
             f"`batch_size` must be a positive integer, got {batch_size!r}."
         )
     sizes = list(layer_sizes[1:] if mode == "supervised" else layer_sizes)
     keys = jr.split(key, len(sizes))
     return [
-        sigma * jr.normal(k, (batch_size, *_as_shape(size)))
+        sigma * jr.normal(k, (int(batch_size), *_as_shape(size)))
         for k, size in zip(keys, sizes)
     ]

@@ -27,14 +27,37 @@ def weight_leaves(tree: Any) -> list[Array]:
     return leaves
 
 
-def _fan_in(layer: Layer, name: str) -> int:
+def _matrix(layer: Layer) -> Array | None:
     for weight in weight_leaves(layer):
         if weight.ndim >= 2:
-            return math.prod(weight.shape[1:])
-    raise ValueError(
-        f"`{name}` exposes no `weight` array (searched its attributes at any depth), "
-        "so its width cannot be read for `param_type='mupc'` or `'ntp'`."
-    )
+            return weight
+    return None
+
+
+def _fan_in(layer: Layer, name: str) -> int:
+    weight = _matrix(layer)
+    if weight is None:
+        raise ValueError(
+            f"`{name}` exposes no `weight` array (searched its attributes at any "
+            "depth), so its width cannot be read for `param_type='mupc'` or `'ntp'`."
+        )
+    return math.prod(weight.shape[1:])
+
+
+def _output_fan_in(model: Model) -> int:
+    """`N` of `a_L`: the fan-in of the last layer's weight.
+
+    SPEC §3.3 only asks the first and hidden layers to expose a weight, so when the
+    last one has none (e.g. a plain function), `N` is the width of `z_{L-1}`, read
+    as the output size (first axis) of the previous layer's weight.
+    """
+    last = len(model) - 1
+    if _matrix(model[last]) is not None:
+        return _fan_in(model[last], f"model[{last}]")
+    previous = _matrix(model[last - 1])
+    if previous is None:
+        _fan_in(model[last], f"model[{last}]")  # raises, naming the last layer
+    return previous.shape[0]
 
 
 def get_param_scalings(
@@ -56,12 +79,14 @@ def get_param_scalings(
     $D$ is the size of one example of `input` (in unsupervised mode pass the latent
     activities $z_0$, or `None` to read it from the first layer's weight); $N$ is the
     fan-in of the layer's own `weight` (the hidden width for [`jpc.make_mlp`][]
-    models); $L$ is the number of layers. A one-layer model gets the first-layer rule.
+    models; if the last layer holds no weight, the output size of the previous
+    layer's weight); $L$ is the number of layers. A one-layer model gets the
+    first-layer rule.
 
     **Arguments:**
 
-    - `model`: list of per-example layers; for `"mupc"`/`"ntp"` every layer must
-        hold a `weight` array somewhere inside it.
+    - `model`: list of per-example layers; for `"mupc"`/`"ntp"` the first and
+        hidden layers must hold a `weight` array somewhere inside them.
     - `input`: `(batch, ...)` input, or `None`.
     - `skip_model`: optional list of skip callables (`None` entries for no skip).
     - `param_type`: `"sp"`, `"mupc"` or `"ntp"`.
@@ -73,7 +98,8 @@ def get_param_scalings(
 
     **Raises:**
 
-    `ValueError` for an unknown `param_type` or a layer without a weight.
+    `ValueError` for an unknown `param_type`, a layer without a weight or a
+    zero `gamma`.
     """
     check_option("param_type", param_type, PARAM_TYPES)
     check_model(model, skip_model)
@@ -90,9 +116,13 @@ def get_param_scalings(
             skip = skip_model is not None and skip_model[i] is not None
             scalings[i] = 1 / math.sqrt(width * n_layers if skip else width)
         if n_layers > 1:
-            width = _fan_in(model[-1], f"model[{n_layers - 1}]")
+            width = _output_fan_in(model)
             scalings[-1] = 1 / width if param_type == "mupc" else 1 / math.sqrt(width)
     if gamma is not None:
+        if isinstance(gamma, (int, float)) and gamma == 0:
+            raise ValueError(
+                f"`gamma` divides `a_L` and must be non-zero, got {gamma!r}."
+            )
         scalings[-1] = scalings[-1] / gamma
     return scalings
 

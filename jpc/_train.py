@@ -7,15 +7,16 @@ import equinox as eqx
 import jax.numpy as jnp
 import optax
 
-from ._checks import LOSSES, check_model, check_option, traced_floats
+from ._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from ._energies import check_energy_inputs
 from ._eval import infer_energies
 from ._grads import vector_field_args
 from ._infer import solve
 from ._init import init_activities_from_normal
 from ._jit import lean_jit
-from ._layers import feedforward, get_param_scalings
+from ._layers import check_output, feedforward, get_param_scalings
 from ._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
-from ._updates import ENERGY_FLOATS, discrete_inference, param_step
+from ._updates import ENERGY_FLOATS, NAMES, discrete_inference, param_step
 from ._utils import (
     LOSS_FNS,
     compute_accuracy,
@@ -23,6 +24,7 @@ from ._utils import (
     compute_param_norms,
     get_t_max,
 )
+from ._variants._common import check_random_init
 from ._variants._nudging import NUDGINGS, check_beta, nudged_param_step
 
 
@@ -62,7 +64,9 @@ def check_inference_options(activity_optim, n_inference_steps) -> None:
             f"n_inference_steps={n_inference_steps!r}."
         )
     if n_inference_steps is not None and (
-        not isinstance(n_inference_steps, int) or n_inference_steps < 1
+        isinstance(n_inference_steps, bool)
+        or not isinstance(n_inference_steps, int)
+        or n_inference_steps < 1
     ):
         raise ValueError(
             "`n_inference_steps` must be a positive integer, got "
@@ -83,6 +87,7 @@ def initial_activities(model, skip_model, output, input, param_type, gamma, rand
         activities = feedforward(model, input, skip_model, scalings)
         return activities, activities[-1]
     key, layer_sizes, batch_size, sigma = random
+    check_random_init(model, output, layer_sizes, batch_size)
     missing = [
         n for n, v in zip(("key", "layer_sizes", "batch_size"), random) if v is None
     ]
@@ -240,6 +245,7 @@ def make_pc_step(
         gamma,
         (key, layer_sizes, batch_size, sigma),
     )
+    check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
     record = record_activities or record_energies
     ode = (ode_solver, max_t1, dt, stepsize_controller, record_every)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
@@ -336,11 +342,14 @@ def make_bp_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_batch(output, input, [], y_name="output", x_name="input")
 
     def loss_fn(params):
         m, s = params
         scalings = get_param_scalings(m, input, skip_model=s, param_type=param_type)
-        return LOSS_FNS[loss_id](feedforward(m, input, s, scalings)[-1], output)
+        prediction = feedforward(m, input, s, scalings)[-1]
+        check_output(output, prediction, "output")
+        return LOSS_FNS[loss_id](prediction, output)
 
     params = (model, skip_model)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(params)

@@ -7,10 +7,12 @@ import jax
 import optax
 
 from ._checks import traced_floats
+from ._energies import check_energy_inputs
 from ._grads import _param_value_and_grad, compute_pc_activity_grad
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
 
 
+NAMES = ("loss_id", "output", "input")  # argument names used in error messages
 ENERGY_FLOATS = (
     "weight_decay",
     "spectral_penalty",
@@ -92,6 +94,7 @@ def update_pc_activities(
     A dict with `energy` (before the step), `activities` (after it), `grads` and
     `opt_state`.
     """
+    check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
     energy, activities, grads, opt_state = activity_step(
         params,
         activities,
@@ -144,6 +147,7 @@ def update_pc_params(
     A dict with the updated `model` and `skip_model`, the `grads`
     `(model_grads, skip_model_grads)` and the new `opt_state`.
     """
+    check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
     _, model, skip_model, grads, opt_state = param_step(
         params,
         activities,

@@ -157,6 +157,25 @@ def test_regularisers_reach_nested_weights(key, reg):
     assert abs(float(want) - float(partial)) > 1e-3
 
 
+@pytest.mark.parametrize("reg", [{"weight_decay": 0.3}, {"spectral_penalty": 0.2}])
+def test_regularisers_skip_one_axis_weights(key, reg):
+    """SPEC §3.1 regularises weight matrices: the 1-axis `weight` (gain) of a
+    LayerNorm is no matrix and, like a bias, is left out."""
+    k = jr.split(key, 2)
+    norm = eqx.nn.LayerNorm(4)
+    norm = eqx.tree_at(lambda n: n.weight, norm, jnp.array([0.5, 2.0, -1.0, 3.0]))
+    layer1 = eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=k[0]), norm])
+    layer2 = eqx.nn.Linear(4, 2, key=k[1])
+    model = [layer1, layer2]
+    x = jr.normal(jr.PRNGKey(1), (3, 3))
+    y = jr.normal(jr.PRNGKey(2), (3, 2))
+    acts = [jr.normal(jr.PRNGKey(3), (3, 4)), jnp.zeros((3, 2))]
+    got = jpc.pc_energy_fn((model, None), acts, y, x=x, **reg)
+    weights = [layer1.layers[0].weight, layer2.weight]
+    want = ref_energy(model, acts, y, x=x, weights=weights, **reg)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
 def test_spectral_penalty_explicit_orthogonal(key):
     """‖WᵀW − I‖² vanishes for an orthogonal weight and equals a known value else."""
     model = jpc.make_mlp(key, 2, 2, 2, 2, "linear")

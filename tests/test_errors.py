@@ -276,3 +276,174 @@ def test_activity_optim_requires_n_inference_steps(p):
         ),
         "activity_optim",
     )
+
+
+@pytest.mark.parametrize("steps", [0, 2.0, True])
+def test_n_inference_steps_must_be_a_positive_int(p, steps):
+    opt = optax.sgd(0.1)
+    state = init_param_opt(opt, p.model)
+    check(
+        lambda: jpc.make_pc_step(
+            p.model,
+            opt,
+            state,
+            p.y,
+            input=p.x,
+            activity_optim=opt,
+            n_inference_steps=steps,
+        ),
+        re.escape(f"`n_inference_steps` must be a positive integer, got {steps!r}"),
+    )
+
+
+# ------------------------------------------- the caller's own argument names
+
+
+def _sgd_state(p):
+    return init_param_opt(optax.sgd(0.1), p.model)
+
+
+LOSS_ID_CALLS = [
+    lambda p: jpc.compute_pc_activity_grad(
+        p.params, p.activities, p.y, x=p.x, loss_id="mae"
+    ),
+    lambda p: jpc.compute_pc_param_grads(
+        p.params, p.activities, p.y, x=p.x, loss_id="mae"
+    ),
+    lambda p: jpc.solve_inference(
+        p.params, p.activities, p.y, input=p.x, loss_id="mae"
+    ),
+    lambda p: jpc.update_pc_activities(
+        p.params,
+        p.activities,
+        optax.sgd(0.1),
+        optax.sgd(0.1).init(p.activities),
+        p.y,
+        input=p.x,
+        loss_id="mae",
+    ),
+    lambda p: jpc.update_pc_params(
+        p.params, p.activities, optax.sgd(0.1), _sgd_state(p), p.y, loss_id="mae"
+    ),
+    lambda p: jpc.test_generative_pc(
+        p.model, p.y, p.x, jr.PRNGKey(0), p.widths, 5, loss_id="mae"
+    ),
+]
+
+
+@pytest.mark.parametrize("call", LOSS_ID_CALLS)
+def test_unknown_loss_id_names_loss_id(p, call):
+    """Functions whose option is called `loss_id` name `loss_id`, not `loss`."""
+    check(lambda: call(p), re.escape("`loss_id`"), "mae")
+
+
+CLAMP_CALLS = {
+    "solve_inference": lambda p, y, x: jpc.solve_inference(
+        p.params, p.activities, y, input=x
+    ),
+    "update_pc_activities": lambda p, y, x: jpc.update_pc_activities(
+        p.params,
+        p.activities,
+        optax.sgd(0.1),
+        optax.sgd(0.1).init(p.activities),
+        y,
+        input=x,
+    ),
+    "update_pc_params": lambda p, y, x: jpc.update_pc_params(
+        p.params, p.activities, optax.sgd(0.1), _sgd_state(p), y, input=x
+    ),
+    "make_pc_step": lambda p, y, x: jpc.make_pc_step(
+        p.model, optax.sgd(0.1), _sgd_state(p), y, input=x
+    ),
+    "make_pc_step_discrete": lambda p, y, x: jpc.make_pc_step(
+        p.model,
+        optax.sgd(0.1),
+        _sgd_state(p),
+        y,
+        input=x,
+        activity_optim=optax.sgd(0.1),
+        n_inference_steps=2,
+    ),
+    "make_bp_step": lambda p, y, x: jpc.make_bp_step(
+        p.model, optax.sgd(0.1), _sgd_state(p), y, input=x
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLAMP_CALLS))
+def test_batch_mismatch_names_input_and_output(p, name):
+    """Functions taking `output`/`input` name them (make_bp_step used to fail
+    deep in jnp with a TypeError naming nothing)."""
+    x7 = jnp.ones((7, 4))
+    check(
+        lambda: CLAMP_CALLS[name](p, p.y, x7),
+        r"`input` and `output`",
+        "(7, 4)",
+        "(5, 3)",
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CLAMP_CALLS))
+def test_output_feature_size_names_output(p, name):
+    y11 = jnp.ones((5, 11))
+    check(lambda: CLAMP_CALLS[name](p, y11, p.x), r"`output`", "(5, 11)", "(5, 3)")
+
+
+@pytest.mark.parametrize("name", ["solve_inference", "update_pc_activities"])
+def test_input_feature_size_names_input(p, name):
+    x13 = jnp.ones((5, 13))
+    check(lambda: CLAMP_CALLS[name](p, p.y, x13), r"`input`", "(13,)")
+
+
+def test_hidden_activity_shape_is_named(p):
+    bad = [p.activities[0], jnp.ones((5, 2)), p.activities[2]]
+    check(
+        lambda: jpc.solve_inference(p.params, bad, p.y, input=p.x),
+        re.escape("`activities[1]`"),
+        "(5, 2)",
+        "(5, 6)",
+    )
+
+
+def _unsupervised_step(pu, layer_sizes, batch_size):
+    return jpc.make_pc_step(
+        pu.model,
+        optax.sgd(0.1),
+        _sgd_state(pu),
+        pu.y,
+        key=jr.PRNGKey(0),
+        layer_sizes=layer_sizes,
+        batch_size=batch_size,
+    )
+
+
+def test_layer_sizes_length_is_named(pu):
+    short = pu.widths[1:]
+    check(lambda: _unsupervised_step(pu, short, 5), "layer_sizes", str(short))
+    check(
+        lambda: jpc.test_generative_pc(
+            pu.model, pu.y, jnp.ones((5, 4)), jr.PRNGKey(0), short, 5
+        ),
+        "layer_sizes",
+        str(short),
+    )
+
+
+def test_batch_size_mismatch_is_named(pu):
+    check(lambda: _unsupervised_step(pu, pu.widths, 4), "batch_size", "4", "5")
+    check(
+        lambda: jpc.test_generative_pc(
+            pu.model, pu.y, jnp.ones((5, 4)), jr.PRNGKey(0), pu.widths, 4
+        ),
+        "batch_size",
+        "4",
+    )
+
+
+def test_zero_gamma(p):
+    """`gamma` divides a_L: 0 is a ValueError, not a ZeroDivisionError."""
+    check(lambda: jpc.get_param_scalings(p.model, p.x, gamma=0.0), "gamma", "0")
+    check(
+        lambda: jpc.pc_energy_fn(p.params, p.activities, p.y, x=p.x, gamma=0),
+        "gamma",
+    )

@@ -215,6 +215,28 @@ def test_get_param_scalings_custom_model_of_linears(key):
     )
 
 
+@pytest.mark.parametrize("param_type", ["mupc", "ntp"])
+def test_get_param_scalings_output_layer_without_weight(key, param_type):
+    """SPEC §3.3 asks only the first and hidden layers to expose a weight: a plain
+    function as the last layer gets N from the hidden width (z_{L-1})."""
+    k1, k2, k3 = jr.split(key, 3)
+    w_out = jr.normal(k3, (2, 8))
+    model = [
+        eqx.nn.Linear(4, 8, key=k1),
+        eqx.nn.Linear(8, 8, key=k2),
+        lambda z: w_out @ z,
+    ]
+    got = jpc.get_param_scalings(model, jnp.ones((3, 4)), param_type=param_type)
+    want = ref_scalings(param_type, D=4, fan_ins=[4, 8, 8])
+    np.testing.assert_allclose(np.asarray(got, float), want, rtol=1e-12)
+    # same numbers as the equivalent model whose last layer holds the weight
+    linear = eqx.tree_at(lambda m: m.weight, eqx.nn.Linear(8, 2, key=k3), w_out)
+    same = jpc.get_param_scalings(
+        [*model[:2], linear], jnp.ones((3, 4)), param_type=param_type
+    )
+    np.testing.assert_allclose(np.asarray(got, float), np.asarray(same, float))
+
+
 def test_private_alias_get_param_scalings(key):
     model = jpc.make_mlp(key, 4, 6, 3, 2, "tanh")
     x = jnp.ones((2, 4))
@@ -269,6 +291,14 @@ def test_init_activities_with_ffwd_matches_manual_mlp(key):
     got = jpc.init_activities_with_ffwd(model, x)
     assert_trees_close(list(got), want, check_structure=False)
     assert_trees_close(ref_forward(model, x), want, check_structure=False)
+
+
+def test_init_activities_from_normal_numpy_batch_size(key):
+    """A NumPy integer batch size (e.g. from `x.shape` of a NumPy array) works."""
+    sizes = [5, 7, 3]
+    got = jpc.init_activities_from_normal(key, sizes, "supervised", np.int64(4))
+    want = jpc.init_activities_from_normal(key, sizes, "supervised", 4)
+    assert_trees_close(got, want, rtol=0)
 
 
 def test_init_activities_from_normal_supervised(key):
