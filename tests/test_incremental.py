@@ -253,3 +253,19 @@ def test_unsupervised_and_batch_errors_name_the_arguments(key):
         jpc.make_ipc_step(
             p.model, optim, state, p.y, key=key, layer_sizes=WIDTHS, batch_size=5, **kw
         )
+
+
+def test_non_finite_step_raises(key):
+    """A diverging inference is reported at the call (SPEC §2), not returned."""
+    p = random_problem(key, WIDTHS, 3)
+    optim = optax.sgd(0.1)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="not finite"):
+        jpc.make_ipc_step(
+            p.model,
+            optim,
+            init_param_opt(optim, p.model),
+            p.y,
+            input=p.x,
+            activity_optim=optax.sgd(1e300),
+            n_inference_steps=5,
+        )

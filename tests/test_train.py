@@ -322,6 +322,23 @@ def _regression_batch(key, B=16, d_in=4, d_out=3):
     return x, jnp.tanh(x @ A)
 
 
+def test_non_finite_energy_raises(key):
+    """A diverging inference is reported at the call (SPEC §2), not returned."""
+    x, y = _regression_batch(jr.PRNGKey(3))
+    model = jpc.make_mlp(key, 4, 16, 3, 3, "tanh")
+    optim = optax.sgd(0.1)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="energy .* is not finite"):
+        jpc.make_pc_step(
+            model,
+            optim,
+            init_param_opt(optim, model),
+            y,
+            input=x,
+            activity_optim=optax.sgd(1e300),
+            n_inference_steps=5,
+        )
+
+
 @pytest.mark.parametrize("path", ["fused", "ode"])
 def test_training_reduces_loss(key, path):
     x, y = _regression_batch(jr.PRNGKey(3))

@@ -24,7 +24,6 @@ from .._train import PCStepResult, _norms, check_inference_options, initial_acti
 from .._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
 from .._updates import ENERGY_FLOATS, activity_step, param_step
 from .._utils import LOSS_FNS, compute_accuracy, compute_activity_norms
-from ._common import check_random_init
 
 
 def _layer_energies(params, activities, y, x, kw) -> Array:
@@ -133,7 +132,8 @@ def make_ipc_step(
 
     **Raises:**
 
-    `ValueError` for bad options or inputs.
+    `ValueError` for bad options or inputs; `eqx.EquinoxRuntimeError` if the
+    parameter gradient of the last step is not finite (diverged inference).
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
@@ -145,8 +145,6 @@ def make_ipc_step(
         )
     check_inference_options(activity_optim, n_inference_steps)
     check_batch(output, input, [], y_name="output", x_name="input")
-    if input is None:
-        check_random_init(model, output, layer_sizes, batch_size)
     kw = dict(
         loss_id=loss_id,
         param_type=param_type,
@@ -179,6 +177,14 @@ def make_ipc_step(
             record,
             kw,
         )
+    )
+    leaves = jtu.tree_leaves(eqx.filter(grads, eqx.is_inexact_array))
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
+    new_model = eqx.error_if(
+        new_model,
+        ~finite,
+        "make_ipc_step: the parameter gradient at the last inference step is not "
+        "finite.",
     )
     supervised = prediction is not None
     return PCStepResult(
