@@ -301,16 +301,24 @@ def test_init_activities_from_normal_numpy_batch_size(key):
     assert_trees_close(got, want, rtol=0)
 
 
-def test_init_activities_from_normal_supervised(key):
-    sizes = [5, 7, 6, 3]
-    acts = jpc.init_activities_from_normal(key, sizes, "supervised", 4, sigma=0.05)
-    assert [a.shape for a in acts] == [(4, 7), (4, 6), (4, 3)]
-
-
-def test_init_activities_from_normal_unsupervised(key):
-    sizes = [5, 7, 6, 3]
-    acts = jpc.init_activities_from_normal(key, sizes, "unsupervised", 4, sigma=0.05)
-    assert [a.shape for a in acts] == [(4, 5), (4, 7), (4, 6), (4, 3)]
+@pytest.mark.parametrize(
+    "mode, shapes",
+    [
+        ("supervised", [(100, 300), (100, 400), (100, 200)]),
+        ("unsupervised", [(100, 50), (100, 300), (100, 400), (100, 200)]),
+    ],
+)
+def test_init_activities_from_normal_modes(key, mode, shapes):
+    """Supervised draws z_1..z_L, unsupervised also z_0; every entry is sigma times
+    an N(0, 1) draw (checked by its moments and by rescaling sigma)."""
+    sizes = [50, 300, 400, 200]
+    a = jpc.init_activities_from_normal(key, sizes, mode, 100, sigma=0.05)
+    b = jpc.init_activities_from_normal(key, sizes, mode, 100, sigma=0.2)
+    assert [z.shape for z in a] == shapes
+    for z in a:
+        assert abs(float(jnp.mean(z))) < 0.003
+        assert abs(float(jnp.std(z)) - 0.05) < 0.003
+    assert_trees_close(list(b), [4.0 * z for z in a], rtol=1e-12, check_structure=False)
 
 
 def test_init_activities_from_normal_statistics_and_sigma(key):
