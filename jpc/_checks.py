@@ -71,6 +71,27 @@ def check_batch(y: Any, x: Any, activities: Any, y_name="y", x_name="x") -> None
             )
 
 
+def check_random_init(model: Any, output: Any, layer_sizes: Any, batch_size: Any):
+    """Name `layer_sizes` / `batch_size` when they do not fit the model or `output`.
+
+    Run before the random initialisation of unsupervised inference, whose own
+    checks would otherwise only name the resulting `activities`.
+    """
+    if layer_sizes is not None:
+        check_sequence("layer_sizes", layer_sizes)
+        if len(layer_sizes) != len(model) + 1:
+            raise ValueError(
+                f"`layer_sizes` must have {len(model) + 1} entries (z_0 to z_L) for a "
+                f"{len(model)}-layer model, got {len(layer_sizes)}: {layer_sizes!r}."
+            )
+    batch = np.shape(output)[0] if np.ndim(output) > 0 else None
+    if batch_size is not None and batch is not None and batch_size != batch:
+        raise ValueError(
+            f"`batch_size` must equal the batch size of `output` ({batch}), got "
+            f"{batch_size!r}."
+        )
+
+
 def check_shape(name: str, received: Any, expected_shape: tuple, what: str) -> None:
     if np.shape(received) != tuple(expected_shape):
         raise ValueError(

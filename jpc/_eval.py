@@ -5,7 +5,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from ._checks import (
+    LOSSES,
+    check_batch,
+    check_model,
+    check_option,
+    check_random_init,
+    traced_floats,
+)
 from ._energies import check_energy_inputs, layer_energies
 from ._infer import solve
 from ._init import init_activities_from_normal
@@ -22,7 +29,6 @@ from ._types import (
     SkipModel,
 )
 from ._utils import LOSS_FNS, compute_accuracy
-from ._variants._common import check_random_init
 
 
 def infer_energies(

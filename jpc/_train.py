@@ -7,7 +7,14 @@ import equinox as eqx
 import jax.numpy as jnp
 import optax
 
-from ._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from ._checks import (
+    LOSSES,
+    check_batch,
+    check_model,
+    check_option,
+    check_random_init,
+    traced_floats,
+)
 from ._energies import check_energy_inputs
 from ._eval import infer_energies
 from ._grads import vector_field_args
@@ -24,7 +31,6 @@ from ._utils import (
     compute_param_norms,
     get_t_max,
 )
-from ._variants._common import check_random_init
 from ._variants._nudging import NUDGINGS, check_beta, nudged_param_step
 
 

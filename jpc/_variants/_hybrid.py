@@ -29,7 +29,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import optax
 
-from .._checks import check_batch, check_model, traced_floats
+from .._checks import check_batch, check_model, check_random_init, traced_floats
 from .._eval import infer_energies, test_generative_pc
 from .._infer import solve
 from .._layers import feedforward, layer_predictions, predict
@@ -37,7 +37,7 @@ from .._train import check_inference_options, infer
 from .._types import Activities, Array, Float, Model, PyTree, Scalar
 from .._updates import param_step
 from .._utils import compute_accuracy
-from ._common import check_pair, check_random_init, optax_update
+from ._common import check_pair, optax_update
 
 
 GENERATOR_ENERGY = dict(
