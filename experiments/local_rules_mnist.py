@@ -36,8 +36,7 @@ import optax
 from tqdm import tqdm
 
 import jpc
-
-from . import datasets
+from jpc import datasets
 
 
 METHODS = ("WP", "NP", "FA", "KP", "BP", "PC")

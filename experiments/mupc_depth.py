@@ -37,8 +37,7 @@ import optax
 from tqdm import tqdm
 
 import jpc
-
-from . import datasets
+from jpc import datasets
 
 
 N_CLASSES = 10

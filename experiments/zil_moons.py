@@ -38,8 +38,7 @@ import optax
 from tqdm import tqdm
 
 import jpc
-
-from . import datasets
+from jpc import datasets
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "zil_moons"

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 
+from . import datasets as datasets
 from ._diagnostics import (
     compare_to_backprop as compare_to_backprop,
     compute_grad_cosine_similarity as compute_grad_cosine_similarity,

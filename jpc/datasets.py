@@ -1,4 +1,4 @@
-"""NumPy-only data loading for the experiments (SPEC §13).
+"""NumPy-only loaders for MNIST, Fashion-MNIST, digits and two moons.
 
 MNIST and Fashion-MNIST are read from the canonical IDX `.gz` files. They are looked up,
 in order, in
