@@ -8,27 +8,36 @@ with SGD with momentum for T ≤ 8 steps fused into the compiled step. Methods:
 
 - `PC-SE`, `PC-CE`: [`jpc.make_pc_step`][] with `loss_id="mse"` / `"ce"`;
 - `iPC`: [`jpc.make_ipc_step`][] (a weight step at every inference step);
-- `PC-CN`: centred nudging, `make_pc_step(nudging="centred", beta=...)`;
+- `PC-PN`, `PC-NN`, `PC-CN`: positive, negative and centred nudging,
+  `make_pc_step(nudging=..., beta=...)`;
 - `BP-SE`, `BP-CE`: [`jpc.make_bp_step`][] on the same network.
 
 Each method starts from the benchmark's tuned hyperparameters (activation, T, activity
-lr and momentum, weight lr and decay: `DEFAULTS`); a small grid search over the weight
-and activity learning rates (`--search`) picks, per dataset and method, the setting with
-the best accuracy on a validation split held out from the training set (never the test
-set). Every method is then trained from `--seeds` seeds on the rest of the training set
-and scored on the test set after the last epoch: mean ± std over seeds.
+lr and momentum, weight lr and decay: `DEFAULTS`); a 3 × 3 grid over the weight and
+activity learning rates (× 0.5, 1, 2; `--search`, `--search-epochs` epochs from seed 0)
+picks, per dataset and method, the setting with the best final accuracy on a
+validation split held out from the training set (never the test set). Every method is
+then trained from `--seeds` seeds on the rest of the training set and scored on the
+test set after every epoch: mean ± std over seeds of the last epoch's accuracy and of
+the best epoch's (the benchmark keeps the best test accuracy over the epochs).
 
-    python -m experiments.pcx_table_mlp                       # full: 25 epochs, 5 seeds
-    python -m experiments.pcx_table_mlp --epochs 2 --seeds 2 --no-search
-    python -m experiments.pcx_table_mlp --quick               # a minute-scale smoke run
+The work is cut into cells (one search trial, or one seed of one method on one
+dataset), each saved to its own JSON file under `--cells-dir` as soon as it ends;
+rerunning the same command skips the finished cells (see `experiments/_runner.py`):
 
-Writes `results.json` and `pcx_table_mlp.png` to `--out-dir`.
+    python -m experiments.pcx_table_mlp                  # full: 25 epochs, 5 seeds
+    python -m experiments.pcx_table_mlp --jobs 2         # two cells at a time
+    python -m experiments.pcx_table_mlp summary          # tables, plot from the cells
+    python -m experiments.pcx_table_mlp --quick          # a minute-scale smoke run
+
+Writes `summary.md`, `summary.json` and `pcx_table_mlp.png` to `--out-dir`.
 """
 
 import argparse
 import functools
 import itertools
 import json
+import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -42,19 +51,23 @@ import optax
 from tqdm import tqdm
 
 import jpc
+from experiments import _runner
 from jpc import datasets
 
 
 N_CLASSES = 10
 WIDTH, DEPTH = 128, 4
-METHODS = ("PC-SE", "PC-CE", "iPC", "PC-CN", "BP-SE", "BP-CE")
+METHODS = ("PC-SE", "PC-CE", "iPC", "PC-PN", "PC-NN", "PC-CN", "BP-SE", "BP-CE")
 DATASETS = ("mnist", "fashion_mnist")
-# Test accuracies (%) reported by the benchmark for this MLP (the issue's targets).
+# Test accuracies (%) reported by Pinchetti et al. (ICLR 2025) for this MLP, rounded
+# (the rows we have a number for).
 PUBLISHED = {
     "mnist": {"PC-SE": 98.3, "iPC": 98.45},
     "fashion_mnist": {"PC-SE": 89.6, "iPC": 89.9},
 }
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "pcx_table_mlp"
+DEFAULT_CELLS_DIR = Path(__file__).parent / "cells" / "pcx_table_mlp"
+QUICK_CELLS_DIR = DEFAULT_OUT_DIR.with_name("pcx_table_mlp_quick") / "cells"
 
 
 class MethodConfig(NamedTuple):
@@ -64,7 +77,7 @@ class MethodConfig(NamedTuple):
     activity optimiser's optax learning rate is `activity_lr * batch_size`.
     """
 
-    kind: str  # "pc", "ipc", "cn" (centred nudging) or "bp"
+    kind: str  # "pc", "ipc", "pn" / "nn" / "cn" (nudging) or "bp"
     loss_id: str
     act_fn: str
     n_steps: int  # inference steps T (unused by backprop)
@@ -82,6 +95,9 @@ DEFAULTS = {
     "PC-SE": MethodConfig("pc", "mse", "gelu", 5, 0.026, 0.1, 3e-4, 2e-3),
     "PC-CE": MethodConfig("pc", "ce", "gelu", 5, 0.018, 0.35, 3e-4, 3e-3),
     "iPC": MethodConfig("ipc", "mse", "leaky_relu", 8, 0.8, 0.3, 2.6e-4, 2e-2),
+    # The three nudgings start from the benchmark's negative-nudging configuration.
+    "PC-PN": MethodConfig("pn", "mse", "leaky_relu", 6, 0.028, 0.15, 2.8e-4, 2.5e-4),
+    "PC-NN": MethodConfig("nn", "mse", "leaky_relu", 6, 0.028, 0.15, 2.8e-4, 2.5e-4),
     "PC-CN": MethodConfig("cn", "mse", "leaky_relu", 6, 0.028, 0.15, 2.8e-4, 2.5e-4),
     "BP-SE": MethodConfig("bp", "mse", "relu", 0, 0.0, 0.0, 2.75e-4, 1.7e-4),
     "BP-CE": MethodConfig("bp", "ce", "relu", 0, 0.0, 0.0, 2.75e-4, 1.7e-4),
@@ -89,6 +105,8 @@ DEFAULTS = {
 # The search multiplies the defaults' learning rates by these factors.
 PARAM_LR_FACTORS = (0.5, 1.0, 2.0)
 ACTIVITY_LR_FACTORS = (0.5, 1.0, 2.0)
+
+NUDGING = {"pn": "positive", "nn": "negative", "cn": "centred"}
 
 # Optimisers are built once: a new optax object is a new compiled program. The weight
 # optimiser's learning rate and decay live in its state, so they change for free.
@@ -101,18 +119,19 @@ def activity_optim(lr: float, momentum: float) -> optax.GradientTransformation:
     return optax.sgd(lr, momentum=momentum)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.pcx_table_mlp",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _runner.add_runner_args(parser, DEFAULT_CELLS_DIR)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=DATASETS)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--beta", type=float, default=0.5, help="PC-CN nudging β")
+    parser.add_argument("--beta", type=float, default=0.5, help="nudging β")
     parser.add_argument(
         "--search",
         action=argparse.BooleanOptionalAction,
@@ -123,33 +142,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-size", type=int, default=6000, help="held-out examples")
     parser.add_argument("--n-train", type=int, default=None, help="training subset")
     parser.add_argument("--data-dir", default=None, help="directory of the IDX files")
-    parser.add_argument("--quick", action="store_true", help="MNIST, 1 epoch, 1 seed")
+    parser.add_argument(
+        "--quick", action="store_true", help="MNIST, 10k examples, 1 epoch, 1 seed"
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args, parser) -> None:
     if args.quick:
         args.datasets, args.epochs, args.seeds = ["mnist"], 1, 1
         args.search, args.n_train, args.val_size = False, 10000, 2000
+        if args.cells_dir == DEFAULT_CELLS_DIR:
+            args.cells_dir = QUICK_CELLS_DIR
+        if args.out_dir == DEFAULT_OUT_DIR:
+            args.out_dir = QUICK_CELLS_DIR.parent
     for name in ("epochs", "seeds", "batch_size", "search_epochs", "val_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
-    return args
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.data_dir is not None:  # read by every cell, also in worker processes
+        os.environ["JPC_DATA_DIR"] = str(args.data_dir)
 
 
 # ---------------------------------------------------------------------------- data
 
 
-def load_data(name: str, args) -> dict:
+@functools.cache
+def load_data(name: str, val_size: int, n_train: int | None) -> dict:
     """`{"train", "val", "test"}` splits, inputs in [-1, 1], one-hot targets.
 
     The validation split is a fixed random subset of the training set (seed 0); the
     training split is the rest (optionally cut to `--n-train`). The evaluation
     splits are moved to the device once.
     """
-    x, y = datasets.load_idx_dataset(name, "train", args.data_dir)
-    x_test, y_test = datasets.load_idx_dataset(name, "test", args.data_dir)
+    x, y = datasets.load_idx_dataset(name, "train")
+    x_test, y_test = datasets.load_idx_dataset(name, "test")
     order = np.random.default_rng(0).permutation(len(x))
-    val, train = order[: args.val_size], order[args.val_size :]
-    train = train[: args.n_train] if args.n_train else train
+    val, train = order[:val_size], order[val_size:]
+    train = train[:n_train] if n_train else train
 
     def prepare(images, labels, device):
         pair = (2.0 * images - 1.0, datasets.one_hot(labels, N_CLASSES))
@@ -183,8 +214,8 @@ def make_step(cfg: MethodConfig, batch_size: int, beta: float):
         activity_optim=activity_optim(cfg.activity_lr * batch_size, cfg.momentum),
         n_inference_steps=cfg.n_steps,
     )
-    if cfg.kind == "cn":
-        kwargs.update(nudging="centred", beta=beta)
+    if cfg.kind in NUDGING:
+        kwargs.update(nudging=NUDGING[cfg.kind], beta=beta)
 
     def pc_step(model, opt_state, x, y):
         result = fn(model, PARAM_OPTIM, opt_state, y, input=x, **kwargs)
@@ -216,7 +247,7 @@ def evaluate(model, split, loss_id: str) -> float:
     return float(jpc.test_discriminative_pc(model, y, x, loss=loss_id)[1])
 
 
-def train_run(cfg, data, epochs, seed, args, eval_splits=("val", "test"), desc=""):
+def train_run(cfg, data, epochs, seed, batch_size, beta, eval_splits, desc=""):
     """Train one method from one seed; per-epoch accuracies and timings.
 
     A run whose energy or loss stops being finite is stopped and marked `diverged`.
@@ -226,10 +257,10 @@ def train_run(cfg, data, epochs, seed, args, eval_splits=("val", "test"), desc="
         jr.PRNGKey(seed), x_train.shape[1], WIDTH, DEPTH, N_CLASSES, cfg.act_fn, True
     )
     opt_state = init_opt_state(model, cfg)
-    step = make_step(cfg, args.batch_size, args.beta)
-    per_epoch = len(x_train) // args.batch_size
+    step = make_step(cfg, batch_size, beta)
+    per_epoch = len(x_train) // batch_size
     schedule = lr_schedule(cfg.param_lr, epochs * per_epoch)
-    batches = datasets.batches(x_train, y_train, args.batch_size, seed)
+    batches = datasets.batches(x_train, y_train, batch_size, seed)
     log = {f"{s}_acc": [] for s in eval_splits}
     log.update(train_loss=[], epoch_seconds=[], diverged=False)
     for epoch in tqdm(range(epochs), desc=desc, dynamic_ncols=True, leave=False):
@@ -256,128 +287,258 @@ def train_run(cfg, data, epochs, seed, args, eval_splits=("val", "test"), desc="
     return log
 
 
-# -------------------------------------------------------------------------- search
+# ------------------------------------------------------------------------- cells
 
 
-def search_grid(cfg: MethodConfig) -> list[MethodConfig]:
-    """The learning-rate settings tried for one method."""
+def search_grid(cfg: MethodConfig) -> list[tuple[str, MethodConfig]]:
+    """`(name, setting)` of the learning-rate settings tried for one method."""
     activity = (1.0,) if cfg.kind == "bp" else ACTIVITY_LR_FACTORS
     return [
-        cfg._replace(param_lr=cfg.param_lr * p, activity_lr=cfg.activity_lr * a)
+        (
+            f"p{p:g}_a{a:g}",
+            cfg._replace(param_lr=cfg.param_lr * p, activity_lr=cfg.activity_lr * a),
+        )
         for p, a in itertools.product(PARAM_LR_FACTORS, activity)
     ]
 
 
-def search(method: str, data, args) -> tuple[MethodConfig, list]:
-    """Best setting by final validation accuracy (seed 0, `--search-epochs`)."""
-    trials = []
-    for cfg in search_grid(DEFAULTS[method]):
-        log = train_run(cfg, data, args.search_epochs, 0, args, ("val",), "search")
-        score = log["val_acc"][-1] if not log["diverged"] else float("-inf")
-        trials.append({"config": cfg._asdict(), "val_acc": score})
-        print(
-            f"  {method} search: param_lr={cfg.param_lr:.2e} activity_lr="
-            f"{cfg.activity_lr:.3g} -> val {score:.2f}%"
-        )
-    best = max(trials, key=lambda t: t["val_acc"])
-    return MethodConfig(**best["config"]), trials
-
-
-def run_method(method: str, data, args) -> dict:
-    """Search (optionally), then train every seed; mean ± std test accuracy."""
-    cfg, trials = search(method, data, args) if args.search else (DEFAULTS[method], [])
-    runs = [
-        train_run(cfg, data, args.epochs, seed, args, desc=f"{method} seed {seed}")
-        for seed in range(args.seeds)
-    ]
-    final = [r["test_acc"][-1] if r["test_acc"] else float("nan") for r in runs]
-    seconds = [s for r in runs for s in r["epoch_seconds"][1:] or r["epoch_seconds"]]
+def _common(args, dataset: str, method: str) -> dict:
     return {
-        "config": cfg._asdict(),
-        "search": trials,
-        "runs": runs,
-        "test_acc": final,
-        "test_acc_mean": float(np.mean(final)),
-        "test_acc_std": float(np.std(final)),
-        "epoch_seconds_median": float(np.median(seconds)),
+        "dataset": dataset,
+        "method": method,
+        "batch_size": args.batch_size,
+        "beta": args.beta,
+        "val_size": args.val_size,
+        "n_train": args.n_train,
     }
+
+
+def search_cells(args, dataset: str, method: str) -> list[_runner.Cell]:
+    return [
+        _runner.Cell(
+            f"{dataset}/{method}/search/{name}",
+            {
+                **_common(args, dataset, method),
+                "config": cfg._asdict(),
+                "epochs": args.search_epochs,
+                "seed": 0,
+                "eval": ["val"],
+            },
+        )
+        for name, cfg in search_grid(DEFAULTS[method])
+    ]
+
+
+def chosen_config(cells: list[_runner.Cell], done: dict) -> MethodConfig | None:
+    """The best search trial by final validation accuracy, or None if unfinished."""
+    if any(c.key not in done for c in cells):
+        return None
+    best = max(cells, key=lambda c: search_score(done[c.key]))
+    return MethodConfig(**best.params["config"])
+
+
+def search_score(result: dict) -> float:
+    return result["val_acc"][-1] if not result["diverged"] else float("-inf")
+
+
+def plan(args, done: dict) -> list[_runner.Cell]:
+    """The searches (dataset by dataset), then the seeds, seed by seed."""
+    cells, configs = [], {}
+    for dataset in args.datasets:
+        for method in args.methods:
+            if args.search:
+                trials = search_cells(args, dataset, method)
+                cells += trials
+                configs[dataset, method] = chosen_config(trials, done)
+            else:
+                configs[dataset, method] = DEFAULTS[method]
+    tag = "searched" if args.search else "default"
+    for seed in range(args.seeds):
+        for dataset in args.datasets:
+            for method in args.methods:
+                cfg = configs[dataset, method]
+                if cfg is None:
+                    continue
+                params = {
+                    **_common(args, dataset, method),
+                    "config": cfg._asdict(),
+                    "epochs": args.epochs,
+                    "seed": seed,
+                    "eval": ["val", "test"],
+                }
+                cells.append(
+                    _runner.Cell(f"{dataset}/{method}/{tag}/seed{seed}", params)
+                )
+    return cells
+
+
+def run_cell(params: dict) -> dict:
+    """Trains one setting from one seed; per-epoch accuracies, losses and times."""
+    data = load_data(params["dataset"], params["val_size"], params["n_train"])
+    desc = f"{params['dataset']} {params['method']} seed {params['seed']}"
+    return train_run(
+        MethodConfig(**params["config"]),
+        data,
+        params["epochs"],
+        params["seed"],
+        params["batch_size"],
+        params["beta"],
+        tuple(params["eval"]),
+        desc,
+    )
 
 
 # ------------------------------------------------------------------------- outputs
 
 
-def save_plot(results: dict, path: Path) -> None:
+def _mean_std(values: list) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def collect(args, done: dict) -> dict:
+    """`{dataset: {method: row}}` from the finished cells of the planned runs."""
+    planned = {c.key: c for c in plan(args, {k: r["result"] for k, r in done.items()})}
+    table = {}
+    for dataset in args.datasets:
+        table[dataset] = {}
+        for method in args.methods:
+            prefix = f"{dataset}/{method}/"
+            keys = [k for k in planned if k.startswith(prefix) and k in done]
+            seeds = [done[k] for k in keys if "/search/" not in k]
+            trials = [done[k] for k in keys if "/search/" in k]
+            row = {
+                "n_seeds": len(seeds),
+                "n_search": len(trials),
+                "search": [
+                    {
+                        "config": t["params"]["config"],
+                        "val_acc": search_score(t["result"]),
+                    }
+                    for t in trials
+                ],
+            }
+            if seeds:
+                runs = [s["result"] for s in seeds]
+                last = [r["test_acc"][-1] if r["test_acc"] else np.nan for r in runs]
+                best = [max(r["test_acc"]) if r["test_acc"] else np.nan for r in runs]
+                complete = [len(r["test_acc"]) == args.epochs for r in runs]
+                seconds = [
+                    t
+                    for r in runs
+                    for t in r["epoch_seconds"][1:] or r["epoch_seconds"]
+                ]
+                row.update(
+                    config=seeds[0]["params"]["config"],
+                    seeds=[s["params"]["seed"] for s in seeds],
+                    last=last,
+                    best=best,
+                    last_mean_std=_mean_std(last),
+                    best_mean_std=_mean_std(best),
+                    diverged=[r["diverged"] or not c for r, c in zip(runs, complete)],
+                    epoch_seconds_median=float(np.median(seconds or [np.nan])),
+                    mean_curve=np.mean([r["test_acc"] for r in runs], 0).tolist()
+                    if all(complete)
+                    else None,
+                )
+            table[dataset][method] = row
+    return table
+
+
+def format_table(args, table: dict) -> str:
+    lines = []
+    for dataset, rows in table.items():
+        lines += [
+            f"\n{dataset}: test accuracy (%), mean ± std over the finished seeds "
+            f"(of {args.seeds}), {args.epochs} epochs",
+            "",
+            "| method | seeds | last epoch | best epoch | published | s / epoch "
+            "| weight lr | activity lr |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for method, row in rows.items():
+            published = PUBLISHED.get(dataset, {}).get(method)
+            pub = f"{published}" if published else "–"
+            if not row["n_seeds"]:
+                n_grid = len(search_grid(DEFAULTS[method]))
+                state = f"search {row['n_search']}/{n_grid}" if args.search else "–"
+                lines.append(f"| {method} | 0 | {state} | | {pub} | | | |")
+                continue
+            (lm, ls), (bm, bs) = row["last_mean_std"], row["best_mean_std"]
+            cfg = row["config"]
+            act = f"{cfg['activity_lr']:.3g}" if cfg["kind"] != "bp" else "–"
+            flag = " (diverged)" if any(row["diverged"]) else ""
+            lines.append(
+                f"| {method} | {row['n_seeds']} | {lm:.2f} ± {ls:.2f}{flag} "
+                f"| {bm:.2f} ± {bs:.2f} | {pub} | {row['epoch_seconds_median']:.1f} "
+                f"| {cfg['param_lr']:.3g} | {act} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def save_plot(table: dict, path: Path) -> None:
     """Mean ± std test accuracy per method, one panel per dataset; published marks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    names = list(table)
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names):
-        methods = list(results[name])
-        means = [results[name][m]["test_acc_mean"] for m in methods]
-        stds = [results[name][m]["test_acc_std"] for m in methods]
-        ax.bar(methods, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.7)
+        methods = [m for m, r in table[name].items() if r["n_seeds"]]
+        if not methods:
+            ax.set_title(f"{name}: no finished seed yet")
+            continue
+        x = np.arange(len(methods))
+        for shift, kind, colour in (
+            (-0.2, "last", "tab:blue"),
+            (0.2, "best", "tab:cyan"),
+        ):
+            means = [table[name][m][f"{kind}_mean_std"][0] for m in methods]
+            stds = [table[name][m][f"{kind}_mean_std"][1] for m in methods]
+            ax.bar(
+                x + shift,
+                means,
+                0.4,
+                yerr=stds,
+                capsize=3,
+                color=colour,
+                label=f"{kind} epoch",
+            )
         for i, m in enumerate(methods):
             if m in PUBLISHED.get(name, {}):
                 ax.plot(i, PUBLISHED[name][m], "r_", ms=25, mew=2, label="published")
-        low = min(means + [v for v in PUBLISHED.get(name, {}).values()])
-        ax.set(ylim=(max(0.0, low - 5), 100), ylabel="test accuracy (%)", title=name)
+        low = min(table[name][m]["last_mean_std"][0] for m in methods)
+        ax.set_xticks(x, [f"{m}\n({table[name][m]['n_seeds']} s.)" for m in methods])
+        ax.set(ylim=(max(0.0, low - 3), 100), ylabel="test accuracy (%)", title=name)
         ax.grid(axis="y", alpha=0.3)
-        if PUBLISHED.get(name):
-            ax.legend(*_dedup(ax.get_legend_handles_labels()))
-    fig.suptitle("PC benchmark MLP (4×128): mean ± std over seeds")
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    fig.suptitle("PC benchmark MLP (4×128): test accuracy, mean ± std over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _dedup(handles_labels):
-    seen = {}
-    for h, label in zip(*handles_labels):
-        seen.setdefault(label, h)
-    return list(seen.values()), list(seen)
-
-
-def print_summary(results: dict) -> None:
-    for name, table in results.items():
-        print(f"\n{name}: test accuracy (%) after the last epoch, mean ± std")
-        for method, r in table.items():
-            published = PUBLISHED.get(name, {}).get(method)
-            ref = f"   (published {published})" if published else ""
-            print(
-                f"  {method:6} {r['test_acc_mean']:6.2f} ± {r['test_acc_std']:.2f}"
-                f"   {r['epoch_seconds_median']:6.1f} s/epoch{ref}"
-            )
+def summarize(args, done: dict) -> None:
+    table = collect(args, done)
+    text = format_table(args, table)
+    print(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "summary.md").write_text(text)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    summary = {"config": config, "published": PUBLISHED, "table": table}
+    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    save_plot(table, args.out_dir / "pcx_table_mlp.png")
+    print(f"Wrote summary.md, summary.json and pcx_table_mlp.png to {args.out_dir}")
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
     print(f"JAX {jax.__version__}, backend {jax.default_backend()}")
-    results = {}
-    for name in args.datasets:
-        data = load_data(name, args)
-        print(
-            f"{name}: {len(data['train'][0])} train / {len(data['val'][0])} val / "
-            f"{len(data['test'][0])} test"
-        )
-        results[name] = {m: run_method(m, data, args) for m in args.methods}
-    print_summary(results)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_plot(results, args.out_dir / "pcx_table_mlp.png")
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    output = {
-        "config": config,
-        "defaults": {m: c._asdict() for m, c in DEFAULTS.items()},
-        "published": PUBLISHED,
-        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
-        "results": results,
-    }
-    (args.out_dir / "results.json").write_text(json.dumps(output, indent=2))
-    print(f"Wrote {args.out_dir / 'results.json'} and pcx_table_mlp.png")
-    return output
+    return _runner.main(
+        "experiments.pcx_table_mlp", build_parser(), argv, check_args=check_args
+    )
 
 
 if __name__ == "__main__":
