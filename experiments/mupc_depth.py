@@ -16,15 +16,22 @@ For every depth the three methods see the same batches; the test accuracy is mea
 by a feedforward pass every `--eval-every` iterations and after the epoch (or after
 `--max-iters` iterations).
 
-    python -m experiments.mupc_depth                            # depths 8, 16, 32, 64
+Each (depth, method) run is a cell of the resumable runner (`experiments/_runner.py`),
+saved to its own JSON file under `--cells-dir` as soon as it ends; rerunning the same
+command skips the finished cells:
+
+    python -m experiments.mupc_depth                    # depths 8 … 128, one epoch
     python -m experiments.mupc_depth --depths 8 16 --max-iters 300
+    python -m experiments.mupc_depth summary            # table and plot from the cells
     python -m experiments.mupc_depth --quick
 
-Writes `results.json` and `mupc_depth.png` to `--out-dir`.
+Writes `summary.md`, `summary.json` and `mupc_depth.png` to `--out-dir`.
 """
 
 import argparse
+import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -37,21 +44,25 @@ import optax
 from tqdm import tqdm
 
 import jpc
+from experiments import _runner
 from jpc import datasets
 
 
 N_CLASSES = 10
 METHODS = ("muPC", "PC", "BP")
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "mupc_depth"
+DEFAULT_CELLS_DIR = Path(__file__).parent / "cells" / "mupc_depth"
+QUICK_DIR = DEFAULT_OUT_DIR.with_name("mupc_depth_quick")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.mupc_depth",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64])
+    _runner.add_runner_args(parser, DEFAULT_CELLS_DIR)
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -70,9 +81,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick", action="store_true", help="depths 4 and 8, 100 iterations"
     )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args, parser) -> None:
     if args.quick:
         args.depths, args.max_iters, args.eval_every = [4, 8], 100, 50
+        if args.cells_dir == DEFAULT_CELLS_DIR:
+            args.cells_dir = QUICK_DIR / "cells"
+        if args.out_dir == DEFAULT_OUT_DIR:
+            args.out_dir = QUICK_DIR
     if min(args.depths) < 3:
         parser.error(
             "--depths must be at least 3 (a residual block needs a hidden layer)"
@@ -82,13 +100,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.max_iters is not None and args.max_iters < 1:
         parser.error("--max-iters must be positive")
-    return args
+    if args.data_dir is not None:  # read by every cell, also in worker processes
+        os.environ["JPC_DATA_DIR"] = str(args.data_dir)
 
 
-def load_data(data_dir):
+@functools.cache
+def load_data():
     """MNIST standardised with the training set's pixel mean and std, one-hot."""
-    train = datasets.load_mnist("train", data_dir)
-    test = datasets.load_mnist("test", data_dir)
+    train = datasets.load_mnist("train")
+    test = datasets.load_mnist("test")
     mean, std = train[0].mean(), train[0].std()
     train = ((train[0] - mean) / std, datasets.one_hot(train[1], N_CLASSES))
     test = tuple(
@@ -104,13 +124,13 @@ def load_data(data_dir):
 class Method:
     """A method on a depth-`depth` residual net: its model, optimisers and step."""
 
-    def __init__(self, name: str, depth: int, args, optims: dict):
+    def __init__(self, name: str, depth: int, params: dict):
         self.name = name
         self.param_type = "sp" if name == "PC" else "mupc"
         self.model = jpc.make_mlp(
-            jr.PRNGKey(args.seed),
+            jr.PRNGKey(params["seed"]),
             28 * 28,
-            args.width,
+            params["width"],
             depth,
             N_CLASSES,
             "relu",
@@ -118,7 +138,8 @@ class Method:
             param_type=self.param_type,
         )
         self.skip_model = jpc.make_skip_model(depth)
-        self.optim, self.activity_optim = optims[name]
+        self.optim = optax.adam(params["param_lr"])
+        self.activity_optim = None if name == "BP" else optax.sgd(params["activity_lr"])
         self.n_steps = depth
         params = (eqx.filter(self.model, eqx.is_array), self.skip_model)
         self.opt_state = self.optim.init(params)
@@ -150,25 +171,17 @@ class Method:
         return float(acc)
 
 
-def make_optims(args) -> dict:
-    """`(param optimiser, activity optimiser)` per method, built once for all depths."""
-    return {
-        "muPC": (optax.adam(args.mupc_param_lr), optax.sgd(args.mupc_activity_lr)),
-        "PC": (optax.adam(args.pc_param_lr), optax.sgd(args.pc_activity_lr)),
-        "BP": (optax.adam(args.bp_param_lr), None),
-    }
-
-
-def train(method: Method, train_data, test, args) -> dict:
+def train(method: Method, train_data, test, params: dict) -> dict:
     """One epoch (or `--max-iters`) of one method; test accuracy along the way.
 
     A run whose loss or energy stops being finite is stopped and marked `diverged`;
     its accuracy is that of the last finite model.
     """
     x_train, y_train = train_data
-    n_iters = len(x_train) // args.batch_size
-    n_iters = min(n_iters, args.max_iters) if args.max_iters else n_iters
-    batches = datasets.batches(x_train, y_train, args.batch_size, args.seed)
+    max_iters = params["max_iters"]
+    n_iters = len(x_train) // params["batch_size"]
+    n_iters = min(n_iters, max_iters) if max_iters else n_iters
+    batches = datasets.batches(x_train, y_train, params["batch_size"], params["seed"])
     log = {"eval_iter": [0], "test_acc": [method.test_acc(test)], "diverged": False}
     log["train_loss"], seconds = [], []
     desc = f"{method.name} depth {method.n_steps}"
@@ -185,7 +198,7 @@ def train(method: Method, train_data, test, args) -> dict:
         log["train_loss"].append(loss)
         if not np.isfinite(loss):
             log["diverged"] = True
-        if log["diverged"] or it % args.eval_every == 0 or it == n_iters:
+        if log["diverged"] or it % params["eval_every"] == 0 or it == n_iters:
             log["eval_iter"].append(it)
             log["test_acc"].append(method.test_acc(test))
         if log["diverged"]:
@@ -201,90 +214,161 @@ def train(method: Method, train_data, test, args) -> dict:
     return log
 
 
+# ------------------------------------------------------------------------- cells
+
+
+def plan(args, done: dict) -> list[_runner.Cell]:
+    """One cell per (depth, method), shallow depths first."""
+    lrs = {
+        "muPC": (args.mupc_param_lr, args.mupc_activity_lr),
+        "PC": (args.pc_param_lr, args.pc_activity_lr),
+        "BP": (args.bp_param_lr, None),
+    }
+    cells = []
+    for depth in args.depths:
+        for name in args.methods:
+            params = {
+                "depth": depth,
+                "method": name,
+                "width": args.width,
+                "batch_size": args.batch_size,
+                "max_iters": args.max_iters,
+                "eval_every": args.eval_every,
+                "param_lr": lrs[name][0],
+                "activity_lr": lrs[name][1],
+                "seed": args.seed,
+            }
+            cells.append(_runner.Cell(f"depth{depth}/{name}/seed{args.seed}", params))
+    return cells
+
+
+def run_cell(params: dict) -> dict:
+    train_data, test = load_data()
+    method = Method(params["method"], params["depth"], params)
+    return train(method, train_data, test, params)
+
+
 # ------------------------------------------------------------------------- outputs
 
 
+def collect(args, done: dict) -> dict:
+    """`{depth: {method: run}}` of the finished planned cells."""
+    results = {}
+    for cell in plan(args, {}):
+        if cell.key in done:
+            run = done[cell.key]["result"]
+            results.setdefault(str(cell.params["depth"]), {})[cell.params["method"]] = (
+                run
+            )
+    return results
+
+
 def save_plot(results: dict, path: Path) -> None:
-    """Final test accuracy vs depth; test-accuracy curves per method and depth."""
+    """Test accuracy and time per step vs depth; test-accuracy curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_depth, ax_curve) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_depth, ax_time, ax_curve) = plt.subplots(1, 3, figsize=(16, 4))
     depths = sorted(int(d) for d in results)
     colours = {"muPC": "tab:blue", "PC": "tab:orange", "BP": "tab:green"}
-    styles = ["-", "--", ":", "-."]
-    for name in next(iter(results.values())):
-        accs = [results[str(d)][name]["final_test_acc"] for d in depths]
-        ax_depth.plot(depths, accs, "o-", color=colours[name], label=name)
-        for i, d in enumerate(depths):
-            run = results[str(d)][name]
+    styles = ["-", "--", ":", "-.", (0, (1, 4))]
+    for name in METHODS:
+        have = [d for d in depths if name in results[str(d)]]
+        if not have:
+            continue
+        runs = [results[str(d)][name] for d in have]
+        ax_depth.plot(
+            have,
+            [r["final_test_acc"] for r in runs],
+            "o-",
+            color=colours[name],
+            label=name,
+        )
+        ax_time.plot(
+            have,
+            [1e3 * r["median_step_seconds"] for r in runs],
+            "o-",
+            color=colours[name],
+            label=name,
+        )
+        for d, run in zip(have, runs):
             ax_curve.plot(
                 run["eval_iter"],
                 run["test_acc"],
-                styles[i % len(styles)],
+                linestyle=styles[depths.index(d) % len(styles)],
                 color=colours[name],
                 label=f"{name}, depth {d}",
             )
-    ax_depth.set_xscale("log", base=2)
-    ax_depth.set(xlabel="depth L", ylabel="test accuracy (%)", ylim=(0, 100))
-    ax_depth.set_xticks(depths, [str(d) for d in depths])
-    ax_depth.minorticks_off()
-    ax_depth.set_title("end of training (one epoch or --max-iters)")
+    for ax in (ax_depth, ax_time):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.minorticks_off()
+        ax.set_xlabel("depth L")
+    ax_depth.set(ylabel="test accuracy (%)", ylim=(0, 100))
+    ax_depth.set_title("after training (one epoch or --max-iters)")
+    ax_time.set_yscale("log")
+    ax_time.set(ylabel="median time per training step (ms)", title="time per step")
     ax_curve.set(xlabel="iteration", ylabel="test accuracy (%)", ylim=(0, 100))
-    for ax in (ax_depth, ax_curve):
+    for ax in (ax_depth, ax_time, ax_curve):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.suptitle("μPC vs standard PC vs backprop, residual ReLU MLPs on MNIST")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def print_summary(results: dict) -> None:
-    methods = list(next(iter(results.values())))
-    print("\ntest accuracy (%) after training; median step time (ms)")
-    print(f"{'depth':>6}" + "".join(f"{m:>22}" for m in methods))
-    for depth, runs in results.items():
-        cells = []
-        for m in methods:
-            r = runs[m]
-            flag = " (div)" if r["diverged"] else ""
-            ms = 1e3 * r["median_step_seconds"]
-            cells.append(f"{r['final_test_acc']:6.2f}{flag} / {ms:.0f}")
-        print(f"{depth:>6}" + "".join(f"{c:>22}" for c in cells))
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    train_data, test = load_data(args.data_dir)
-    n_train, n_test = len(train_data[0]), len(test[0])
-    print(f"MNIST: {n_train} train / {n_test} test; JAX {jax.__version__}")
-    optims = make_optims(args)
-    results = {}
+def format_table(args, results: dict) -> str:
+    lines = [
+        "test accuracy (%) after training (iterations); median time per step (ms)",
+        "",
+        "| depth | "
+        + " | ".join(args.methods)
+        + " | step ms "
+        + " / ".join(args.methods)
+        + " |",
+        "|---" * (len(args.methods) + 2) + "|",
+    ]
     for depth in args.depths:
-        results[str(depth)] = {}
-        for name in args.methods:
-            run = train(Method(name, depth, args, optims), train_data, test, args)
-            results[str(depth)][name] = run
-            print(
-                f"depth {depth:3d} {name:5}: test acc {run['final_test_acc']:.2f}% "
-                f"after {run['n_iters']} iterations"
-                + (" (diverged)" if run["diverged"] else "")
-            )
-    print_summary(results)
+        runs = results.get(str(depth), {})
+        cells, times = [], []
+        for m in args.methods:
+            if m not in runs:
+                cells.append("(running or not started)")
+                times.append("–")
+                continue
+            r = runs[m]
+            flag = " (diverged)" if r["diverged"] else ""
+            cells.append(f"{r['final_test_acc']:.2f}{flag} ({r['n_iters']})")
+            times.append(f"{1e3 * r['median_step_seconds']:.3g}")
+        lines.append(f"| {depth} | " + " | ".join(cells) + f" | {' / '.join(times)} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(args, done: dict) -> None:
+    results = collect(args, done)
+    text = format_table(args, results)
+    print(text)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_plot(results, args.out_dir / "mupc_depth.png")
+    (args.out_dir / "summary.md").write_text(text)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     output = {
         "config": {**config, "act_fn": "relu", "loss": "mse", "T": "depth"},
-        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
         "results": results,
     }
-    (args.out_dir / "results.json").write_text(json.dumps(output, indent=2))
-    print(f"Wrote {args.out_dir / 'results.json'} and mupc_depth.png")
-    return output
+    (args.out_dir / "summary.json").write_text(json.dumps(output, indent=1))
+    if results:
+        save_plot(results, args.out_dir / "mupc_depth.png")
+    print(f"Wrote summary.md, summary.json and mupc_depth.png to {args.out_dir}")
+
+
+def main(argv=None) -> dict:
+    print(f"JAX {jax.__version__}, backend {jax.default_backend()}")
+    return _runner.main(
+        "experiments.mupc_depth", build_parser(), argv, check_args=check_args
+    )
 
 
 if __name__ == "__main__":
