@@ -14,6 +14,14 @@ every epoch, the variance of each layer's weight gradient relative to the output
 layer's (`jpc.compute_layer_grad_variance_ratios`, averaged over the epoch's steps).
 
     python -m experiments.gradient_analysis_moons [--quick]
+    python -m experiments.gradient_analysis_moons --preset tutorial
+
+`--preset tutorial` is the setting of JPC's gradient-analysis tutorial instead of our
+wider study: plain SGD on the activities with rates 1e-3 … 5e-1 applied to the
+gradient of the *batch-mean* energy (`--lr-convention batch-mean`: a per-example step
+of rate/64 at its batch of 64), widths 16 … 2048, T = 8, AdamW(1e-2) on the weights,
+512 training and 256 test points (noise 0.2), batch 64, 4 epochs; then its
+gradient-variance study at widths 50 … 1600, rate 1e-3, T = 16.
 
 Writes `results.json` and `gradient_analysis.png` to `--out-dir`.
 """
@@ -39,6 +47,26 @@ from jpc import datasets
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "gradient_analysis_moons"
 WIDTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 ACTIVITY_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
+# The tutorial's setting (`--preset tutorial`); its rates are optax rates on the
+# batch-mean energy, and its variance study runs at other widths with T = 16.
+TUTORIAL = dict(
+    widths=list(WIDTHS),
+    activity_lrs=[1e-3, 5e-3, 1e-2, 5e-2, 1e-1, 5e-1],
+    lr_convention="batch-mean",
+    n_inference_steps=8,
+    epochs=4,
+    batch_size=64,
+    param_optim="adamw",
+    param_lr=1e-2,
+    n_samples=768,
+    test_fraction=1 / 3,
+    noise=0.2,
+    ratio_width=128,
+    ratio_study_widths=[50, 100, 200, 400, 800, 1600],
+    ratio_study_lr=1e-3,
+    ratio_study_steps=16,
+    out_dir=DEFAULT_OUT_DIR.with_name("gradient_analysis_moons_tutorial"),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,23 +75,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--preset",
+        choices=["wide", "tutorial"],
+        default="wide",
+        help="`tutorial`: the gradient-analysis tutorial's own setting (overrides the "
+        "grid, optimiser, data and epochs)",
+    )
     parser.add_argument("--widths", type=int, nargs="+", default=list(WIDTHS))
     parser.add_argument(
         "--activity-lrs", type=float, nargs="+", default=list(ACTIVITY_LRS)
+    )
+    parser.add_argument(
+        "--lr-convention",
+        choices=["per-example", "batch-mean"],
+        default="per-example",
+        help="per-example: the optax rate is lr × batch size (a step of lr per "
+        "example); batch-mean: the optax rate on the batch-mean energy is lr",
     )
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--n-inference-steps", type=int, default=8, help="T")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--param-lr", type=float, default=0.1, help="weights' lr")
-    parser.add_argument("--param-optim", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument(
+        "--param-optim", choices=["sgd", "adam", "adamw"], default="sgd"
+    )
     parser.add_argument("--n-samples", type=int, default=1000, help="moons points")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--noise", type=float, default=0.2, help="moons noise")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratio-width", type=int, default=128, help="width plotted")
     parser.add_argument("--quick", action="store_true", help="3 widths, 3 lrs, 2 ep")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
+    args.ratio_study_widths = []
+    if args.preset == "tutorial":
+        for name, value in TUTORIAL.items():
+            if name != "out_dir" or args.out_dir == DEFAULT_OUT_DIR:
+                setattr(args, name, value)
     if args.quick:
         args.widths, args.activity_lrs, args.epochs = (
             [16, 128, 512],
@@ -71,15 +121,23 @@ def parse_args(argv=None) -> argparse.Namespace:
             2,
         )
         args.ratio_width = 128
+        args.ratio_study_widths = args.ratio_study_widths[:2]
     return args
 
 
 # ---------------------------------------------------------------------------- training
 
 
-def make_step(args, activity_lr: float):
+def optax_activity_lr(activity_lr: float, args) -> float:
+    """The optax rate on jpc's batch-mean energy for `--lr-convention`."""
+    if args.lr_convention == "batch-mean":
+        return activity_lr
+    return activity_lr * args.batch_size
+
+
+def make_step(args, activity_lr: float, n_steps: int):
     """A jitted PC training step that also returns each layer's gradient variance."""
-    activity_optim = optax.sgd(activity_lr * args.batch_size)
+    activity_optim = optax.sgd(optax_activity_lr(activity_lr, args))
     optim = getattr(optax, args.param_optim)(args.param_lr)
     energy = dict(loss_id="ce")
 
@@ -94,7 +152,7 @@ def make_step(args, activity_lr: float):
             return (optax.apply_updates(z, updates), state), None
 
         carry = (acts, activity_optim.init(acts))
-        (acts, _), _ = jax.lax.scan(infer, carry, length=args.n_inference_steps)
+        (acts, _), _ = jax.lax.scan(infer, carry, length=n_steps)
         out = jpc.update_pc_params(
             (model, None), acts, optim, opt_state, y, input=x, **energy
         )
@@ -105,7 +163,9 @@ def make_step(args, activity_lr: float):
 
 
 def load(args):
-    train, test = datasets.load_moons(args.n_samples, args.noise, seed=args.seed)
+    train, test = datasets.load_moons(
+        args.n_samples, args.noise, seed=args.seed, test_fraction=args.test_fraction
+    )
     mean, std = train[0].mean(0), train[0].std(0)
     train = ((train[0] - mean) / std, datasets.one_hot(train[1], 2))
     test = (
@@ -115,16 +175,18 @@ def load(args):
     return train, test
 
 
-def run(width, activity_lr, data, args) -> dict:
+def run(width, activity_lr, data, args, n_steps=None) -> dict:
+    """Trains one (width, activity lr); test accuracy and layer variances per epoch."""
+    n_steps = args.n_inference_steps if n_steps is None else n_steps
     (x_train, y_train), (x_test, y_test) = data
     model = jpc.make_mlp(
         jr.PRNGKey(args.seed), 2, width, args.depth, 2, "leaky_relu", use_bias=True
     )
-    step, optim = make_step(args, activity_lr)
+    step, optim = make_step(args, activity_lr, n_steps)
     opt_state = optim.init((eqx.filter(model, eqx.is_array), None))
     batches = datasets.batches(x_train, y_train, args.batch_size, args.seed)
     per_epoch = len(x_train) // args.batch_size
-    ratios, accs = [], []
+    ratios, accs, raw = [], [], []
     for _ in range(args.epochs):
         variances = []
         for _ in range(per_epoch):
@@ -133,9 +195,10 @@ def run(width, activity_lr, data, args) -> dict:
             variances.append(var)
         mean_var = np.mean(np.asarray(variances), axis=0)
         ratios.append((mean_var / mean_var[-1]).tolist())
+        raw.append(mean_var.tolist())
         _, acc = jpc.test_discriminative_pc(model, y_test, x_test, loss="ce")
         accs.append(float(acc))
-    return {"test_acc": accs, "variance_ratios": ratios}
+    return {"test_acc": accs, "variance_ratios": ratios, "variances": raw}
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -178,7 +241,7 @@ def save_plot(results, best, args, path: Path) -> None:
         axes[1].plot(epochs, ratios[:, 0], marker="o", color=colour, label=f"lr={lr}")
     axes[0].set(
         xscale="log",
-        xlabel="activity learning rate (per-example step)",
+        xlabel=f"activity learning rate ({args.lr_convention})",
         ylabel="test accuracy (%)",
         title=f"T={args.n_inference_steps}, {args.epochs} epochs",
     )
@@ -203,6 +266,66 @@ def save_plot(results, best, args, path: Path) -> None:
     plt.close(fig)
 
 
+def ratio_study(data, args) -> dict:
+    """Layer gradient variances at `--ratio-study-widths` (the tutorial's T and rate).
+
+    Per width: the per-epoch variance of each layer's weight gradient (mean over the
+    epoch's steps), its ratio to the output layer's, and the layer-to-layer ratios
+    Var(∇W_{l+1}) / Var(∇W_l).
+    """
+    study = {}
+    for width in tqdm(args.ratio_study_widths, desc="variance study", leave=False):
+        lr, steps = args.ratio_study_lr, args.ratio_study_steps
+        out = run(width, lr, data, args, n_steps=steps)
+        var = np.asarray(out["variances"])
+        out["layer_to_layer"] = (var[:, 1:] / var[:, :-1]).tolist()
+        study[str(width)] = out
+    if study:
+        print(
+            f"\nvariance study: rate {lr}, T = {steps}; last epoch, "
+            "Var(∇W_l+1)/Var(∇W_l)"
+        )
+        for width, out in study.items():
+            ratios = " ".join(f"{r:9.3g}" for r in out["layer_to_layer"][-1])
+            print(f"{width:>6} {ratios}   test acc {out['test_acc'][-1]:.1f}%")
+    return study
+
+
+def save_ratio_plot(study: dict, args, path: Path) -> None:
+    """Layer-to-layer variance ratios per width (last epoch) and over the epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.cm.viridis(np.linspace(0, 1, len(study)))
+    for (width, out), colour in zip(study.items(), colours):
+        ratios = np.asarray(out["layer_to_layer"])
+        pairs = [f"{i + 2}/{i + 1}" for i in range(ratios.shape[1])]
+        axes[0].plot(pairs, ratios[-1], "o-", color=colour, label=f"N={width}")
+        epochs = np.arange(1, len(ratios) + 1)
+        axes[1].plot(epochs, ratios[:, 0], "o-", color=colour, label=f"N={width}")
+    axes[0].axhline(1.0, color="k", lw=0.8)
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[0].set(
+        yscale="log",
+        xlabel="layers l+1 / l",
+        ylabel="Var(∇W_l+1) / Var(∇W_l), last epoch",
+    )
+    axes[1].set(yscale="log", xlabel="epoch", ylabel="Var(∇W_2) / Var(∇W_1)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"layer gradient variances: rate {args.ratio_study_lr} "
+        f"({args.lr_convention}), T={args.ratio_study_steps}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     data = load(args)
@@ -213,6 +336,7 @@ def main(argv=None) -> dict:
         results[f"{width}/{lr}"] = run(width, lr, data, args)
         seconds[f"{width}/{lr}"] = time.perf_counter() - start
     best = best_lrs(results, args)
+    study = ratio_study(data, args)
     print(
         f"\n{'width':>6}" + "".join(f"{lr:>9}" for lr in args.activity_lrs) + "   best"
     )
@@ -221,11 +345,14 @@ def main(argv=None) -> dict:
         print(f"{width:>6}" + "".join(f"{a:9.1f}" for a in accs) + f"   {best[width]}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     save_plot(results, best, args, args.out_dir / "gradient_analysis.png")
+    if study:
+        save_ratio_plot(study, args, args.out_dir / "variance_ratios.png")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out = {
         "config": config,
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
         "best_activity_lr": {str(k): v for k, v in best.items()},
+        "ratio_study": study,
         "runs": results,
         "seconds": seconds,
     }
