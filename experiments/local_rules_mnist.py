@@ -18,6 +18,13 @@ the cosine similarity of each rule's update to the backprop gradient of its own 
 model on a fixed probe batch, per epoch (`jpc.compute_grad_cosine_similarity`).
 
     python -m experiments.local_rules_mnist [--quick]
+    python -m experiments.local_rules_mnist --preset tutorial
+
+`--preset tutorial` is the setting of the Microlearning tutorial instead of ours: a
+sigmoid on the hidden *and* the output units, weights and biases drawn from
+N(0, 0.1²), 3 epochs on the first 50 000 training images, SGD at 0.001 on the
+batch-summed update (0.2 on jpc's batch mean, for every rule), perturbation noise
+σ = 0.1 for WP and NP, test accuracy on the first 1 000 test images.
 
 Writes `results.json` and `local_rules.png` to `--out-dir`.
 """
@@ -42,6 +49,17 @@ from jpc import datasets
 METHODS = ("WP", "NP", "FA", "KP", "BP", "PC")
 N_CLASSES = 10
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "local_rules_mnist"
+# The Microlearning tutorial's setting (`--preset tutorial`).
+TUTORIAL = dict(
+    init_std=0.1,
+    output_sigmoid=True,
+    n_train=50_000,
+    n_test=1_000,
+    lr=0.2,
+    wp_lr=0.2,
+    sigma=0.1,
+    out_dir=DEFAULT_OUT_DIR.with_name("local_rules_mnist_tutorial"),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         prog="python -m experiments.local_rules_mnist",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["ours", "tutorial"],
+        default="ours",
+        help="`tutorial`: the Microlearning tutorial's setting (overrides the "
+        "initialisation, output, data size, learning rates and noise)",
     )
     parser.add_argument("--data-dir", default=None, help="directory of the IDX files")
     parser.add_argument("--epochs", type=int, default=3)
@@ -68,10 +93,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--snr-batches", type=int, default=20)
     parser.add_argument("--n-train", type=int, default=None, help="subset of MNIST")
+    parser.add_argument("--n-test", type=int, default=None, help="test subset")
+    parser.add_argument(
+        "--init-std",
+        type=float,
+        default=None,
+        help="draw weights and biases from N(0, std²) (default: Equinox's init)",
+    )
+    parser.add_argument(
+        "--output-sigmoid",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a sigmoid on the output units",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="1 epoch, 6000 examples")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
+    if args.preset == "tutorial":
+        for name, value in TUTORIAL.items():
+            if name != "out_dir" or args.out_dir == DEFAULT_OUT_DIR:
+                setattr(args, name, value)
     if args.quick:
         args.epochs, args.n_train, args.snr_batches = 1, 6000, 5
     return args
@@ -193,10 +235,39 @@ def make_steps(args) -> dict:
 def load(args):
     train = datasets.load_mnist("train", args.data_dir)
     test = datasets.load_mnist("test", args.data_dir)
+    test = (test[0][: args.n_test], test[1][: args.n_test])
     x_train, y_train = train[0][: args.n_train], train[1][: args.n_train]
     y_train = datasets.one_hot(y_train, N_CLASSES)
     test = (jnp.asarray(test[0]), jnp.asarray(datasets.one_hot(test[1], N_CLASSES)))
     return (x_train, y_train), test
+
+
+def make_model(args):
+    """784-width-10 with biases; optionally N(0, std²) init and a sigmoid output."""
+    model = jpc.make_mlp(
+        jr.PRNGKey(args.seed),
+        784,
+        args.width,
+        2,
+        N_CLASSES,
+        jax.nn.sigmoid,
+        use_bias=True,
+    )
+    if args.init_std is not None:
+        leaves, treedef = jax.tree_util.tree_flatten(eqx.filter(model, eqx.is_array))
+        keys = jr.split(jr.PRNGKey(args.seed), len(leaves))
+        new = [
+            args.init_std * jr.normal(k, v.shape, v.dtype) for k, v in zip(keys, leaves)
+        ]
+        arrays = jax.tree_util.tree_unflatten(treedef, new)
+        model = eqx.combine(arrays, eqx.filter(model, eqx.is_array, inverse=True))
+    if args.output_sigmoid:  # the output layer becomes sigmoid(W h + b)
+        last = model[-1]
+        model = [
+            *model[:-1],
+            eqx.nn.Sequential([*last.layers, eqx.nn.Lambda(jax.nn.sigmoid)]),
+        ]
+    return model
 
 
 def initial_state(model, key) -> dict:
@@ -271,7 +342,7 @@ def run_method(name, step, rule, model, train, test, probe, args) -> dict:
 # ---------------------------------------------------------------------------- outputs
 
 
-def save_plot(runs: dict, path: Path) -> None:
+def save_plot(runs: dict, path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +365,7 @@ def save_plot(runs: dict, path: Path) -> None:
     for ax in (axes[0], axes[1], axes[3]):
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle("Local learning rules, MNIST 784-500(sigmoid)-10, MSE, SGD")
+    fig.suptitle(f"Local learning rules, MNIST 784-500(sigmoid)-10, MSE, SGD ({title})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -307,15 +378,7 @@ def main(argv=None) -> dict:
         jnp.asarray(train[0][: args.batch_size]),
         jnp.asarray(train[1][: args.batch_size]),
     )
-    model = jpc.make_mlp(
-        jr.PRNGKey(args.seed),
-        784,
-        args.width,
-        2,
-        N_CLASSES,
-        jax.nn.sigmoid,
-        use_bias=True,
-    )
+    model = make_model(args)
     rules, steps = make_rules(args), make_steps(args)
     rules = {k: eqx.filter_jit(v) for k, v in rules.items()}
     runs = {
@@ -336,10 +399,14 @@ def main(argv=None) -> dict:
         trace = ", ".join(f"{c:.3f}" for c in runs[name]["feedback_alignment"])
         print(f"{name}: cos(B_L, W_L^T) per epoch: {trace}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    save_plot(runs, args.out_dir / "local_rules.png")
+    save_plot(runs, args.out_dir / "local_rules.png", f"{args.preset} setting")
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     results = {
-        "config": {**config, "n_train_used": len(train[0])},
+        "config": {
+            **config,
+            "n_train_used": len(train[0]),
+            "n_test_used": len(test[0]),
+        },
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
         "runs": runs,
     }
