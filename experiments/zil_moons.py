@@ -20,6 +20,13 @@ epoch.
 
     python -m experiments.zil_moons            # 8 seeds, 8 epochs
     python -m experiments.zil_moons --quick    # 2 seeds, 4 epochs
+    python -m experiments.zil_moons --preset tutorial
+
+`--preset tutorial` is the setting of PCX's Z-IL tutorial instead of ours: 1 024
+training and 1 024 test points (noise 0.2), so 4 steps an epoch at batch 256; SGD at
+0.2 with Nesterov momentum 0.9 on the batch-mean gradient; the hybrid takes the Z-IL
+sweep (an activity step of 1 per example) and then 7 PC steps of 0.1 per example,
+T = 8 in all.
 
 Writes `results.json` and `zil_moons.png` to `--out-dir`.
 """
@@ -42,6 +49,17 @@ from jpc import datasets
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "zil_moons"
+# The Z-IL tutorial's setting (`--preset tutorial`).
+TUTORIAL = dict(
+    n_samples=2048,
+    test_fraction=0.5,
+    param_lr=0.2,
+    momentum=0.9,
+    nesterov=True,
+    activity_lr=0.1,
+    hybrid_steps=7,
+    out_dir=DEFAULT_OUT_DIR.with_name("zil_moons_tutorial"),
+)
 METHODS = ("zil", "hybrid", "pc", "bp")
 
 
@@ -51,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument(
+        "--preset",
+        choices=["ours", "tutorial"],
+        default="ours",
+        help="`tutorial`: the Z-IL tutorial's setting (data size, optimiser, steps)",
+    )
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -58,16 +82,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=3, help="number of layers")
     parser.add_argument("--param-optim", choices=["sgd", "adam"], default="sgd")
     parser.add_argument("--param-lr", type=float, default=0.1)
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    parser.add_argument(
+        "--nesterov", action=argparse.BooleanOptionalAction, default=False
+    )
     parser.add_argument(
         "--activity-lr", type=float, default=0.1, help="per-example activity step"
     )
     parser.add_argument("--n-inference-steps", type=int, default=8, help="hybrid, pc")
+    parser.add_argument(
+        "--hybrid-steps",
+        type=int,
+        default=None,
+        help="PC steps after the hybrid's Z-IL sweep (default: --n-inference-steps)",
+    )
     parser.add_argument("--n-samples", type=int, default=10000, help="moons points")
     parser.add_argument("--noise", type=float, default=0.2, help="moons noise")
+    parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="2 seeds, 4 epochs")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
+    if args.preset == "tutorial":
+        for name, value in TUTORIAL.items():
+            if name != "out_dir" or args.out_dir == DEFAULT_OUT_DIR:
+                setattr(args, name, value)
+    if args.hybrid_steps is None:
+        args.hybrid_steps = args.n_inference_steps
     if args.quick:
         args.seeds, args.epochs = 2, 4
     return args
@@ -89,7 +130,7 @@ def make_steps(args, optim) -> dict:
             y,
             input=x,
             loss_id="ce",
-            hybrid_steps=T,
+            hybrid_steps=args.hybrid_steps,
             activity_optim=activity_optim,
         )
 
@@ -173,14 +214,16 @@ def save_plot(results: dict, path: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     (x_train, y_train), (x_test, y_test) = datasets.load_moons(
-        args.n_samples, args.noise, seed=0
+        args.n_samples, args.noise, seed=0, test_fraction=args.test_fraction
     )
     data = (
         (x_train, datasets.one_hot(y_train, 2)),
         (x_test, datasets.one_hot(y_test, 2)),
     )
-    make = optax.sgd if args.param_optim == "sgd" else optax.adam
-    optim = make(args.param_lr)
+    if args.param_optim == "sgd":
+        optim = optax.sgd(args.param_lr, args.momentum or None, args.nesterov)
+    else:
+        optim = optax.adam(args.param_lr)
     steps = make_steps(args, optim)
     runs = {name: [] for name in steps}
     jobs = [(s, name) for s in range(args.seeds) for name in steps]
