@@ -135,30 +135,38 @@ def optax_activity_lr(activity_lr: float, args) -> float:
     return activity_lr * args.batch_size
 
 
-def make_step(args, activity_lr: float, n_steps: int):
-    """A jitted PC training step that also returns each layer's gradient variance."""
-    activity_optim = optax.sgd(optax_activity_lr(activity_lr, args))
+_STEPS: dict = {}
+
+
+def make_step(args, n_steps: int):
+    """A jitted PC training step that also returns each layer's gradient variance.
+
+    `step(model, opt_state, x, y, rate)`: `n_steps` plain SGD steps of optax rate
+    `rate` on the activities (the gradient of the batch-mean energy), then one
+    `--param-optim` step on the weights. `rate` is traced, so the sweep over rates
+    compiles once per width and `n_steps`; built once per `n_steps`.
+    """
+    if n_steps in _STEPS:
+        return _STEPS[n_steps]
     optim = getattr(optax, args.param_optim)(args.param_lr)
     energy = dict(loss_id="ce")
 
     @eqx.filter_jit
-    def step(model, opt_state, x, y):
+    def step(model, opt_state, x, y, rate):
         acts = jpc.init_activities_with_ffwd(model, x)
 
-        def infer(carry, _):
-            z, state = carry
+        def infer(z, _):
             _, grads = jpc.compute_pc_activity_grad((model, None), z, y, x=x, **energy)
-            updates, state = activity_optim.update(grads, state, z)
-            return (optax.apply_updates(z, updates), state), None
+            return jax.tree_util.tree_map(lambda a, g: a - rate * g, z, grads), None
 
-        carry = (acts, activity_optim.init(acts))
-        (acts, _), _ = jax.lax.scan(infer, carry, length=n_steps)
+        acts, _ = jax.lax.scan(infer, acts, length=n_steps)
         out = jpc.update_pc_params(
             (model, None), acts, optim, opt_state, y, input=x, **energy
         )
         variances = jpc.compute_layer_grad_variance_ratios(out["grads"][0])
         return out["model"], out["opt_state"], variances["variances"]
 
+    _STEPS[n_steps] = step, optim
     return step, optim
 
 
@@ -182,7 +190,8 @@ def run(width, activity_lr, data, args, n_steps=None) -> dict:
     model = jpc.make_mlp(
         jr.PRNGKey(args.seed), 2, width, args.depth, 2, "leaky_relu", use_bias=True
     )
-    step, optim = make_step(args, activity_lr, n_steps)
+    step, optim = make_step(args, n_steps)
+    rate = jnp.asarray(optax_activity_lr(activity_lr, args), jnp.float32)
     opt_state = optim.init((eqx.filter(model, eqx.is_array), None))
     batches = datasets.batches(x_train, y_train, args.batch_size, args.seed)
     per_epoch = len(x_train) // args.batch_size
@@ -191,7 +200,7 @@ def run(width, activity_lr, data, args, n_steps=None) -> dict:
         variances = []
         for _ in range(per_epoch):
             x, y = map(jnp.asarray, next(batches))
-            model, opt_state, var = step(model, opt_state, x, y)
+            model, opt_state, var = step(model, opt_state, x, y, rate)
             variances.append(var)
         mean_var = np.mean(np.asarray(variances), axis=0)
         ratios.append((mean_var / mean_var[-1]).tolist())
