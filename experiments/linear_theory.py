@@ -7,7 +7,7 @@ activities (`jpc.update_pc_params`). Every `--record-every` steps the run record
 the current batch:
 
 - the numerical energy at the inferred activities (`jpc.pc_energy_fn`);
-- the closed-form equilibrium energy (`jpc.linear_equilib_energy`, SPEC §8);
+- the closed-form equilibrium energy (`jpc.linear_equilib_energy`);
 - the energy at the exact equilibrium found by one linear solve
   (`jpc.compute_linear_activity_solution`), a second closed-form path;
 - the feedforward loss (MSE of the prediction).

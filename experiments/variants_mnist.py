@@ -1,4 +1,4 @@
-"""Hybrid, bidirectional and error-based PC on MNIST (SPEC §6.1-§6.3).
+"""Hybrid, bidirectional and error-based PC on MNIST.
 
 Each variant trains tanh MLPs with Adam on the parameters and plain SGD on its
 inference variables (activities, or errors for ePC), `--n-inference-steps` steps per
