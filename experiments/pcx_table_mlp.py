@@ -264,9 +264,9 @@ def train_run(cfg, data, epochs, seed, batch_size, beta, eval_splits, desc=""):
     schedule = lr_schedule(cfg.param_lr, epochs * per_epoch)
     batches = datasets.batches(x_train, y_train, batch_size, seed)
     log = {f"{s}_acc": [] for s in eval_splits}
-    log.update(train_loss=[], epoch_seconds=[], diverged=False)
+    log.update(train_loss=[], epoch_seconds=[], epoch_cpu_seconds=[], diverged=False)
     for epoch in tqdm(range(epochs), desc=desc, dynamic_ncols=True, leave=False):
-        start, losses = time.perf_counter(), []
+        start, cpu_start, losses = time.perf_counter(), time.process_time(), []
         for it in range(per_epoch):
             lr = schedule(epoch * per_epoch + it)
             opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
@@ -280,6 +280,7 @@ def train_run(cfg, data, epochs, seed, batch_size, beta, eval_splits, desc=""):
             losses.append(loss)
         mean_loss = float(jnp.mean(jnp.stack(losses)))  # waits for the epoch
         log["epoch_seconds"].append(time.perf_counter() - start)
+        log["epoch_cpu_seconds"].append(time.process_time() - cpu_start)
         log["train_loss"].append(mean_loss)
         if not np.isfinite(mean_loss):
             log["diverged"] = True
@@ -394,6 +395,14 @@ def run_cell(params: dict) -> dict:
 # ------------------------------------------------------------------------- outputs
 
 
+def _median_cpu(runs: list) -> float | None:
+    """Median CPU seconds per epoch (first epoch, with compilation, left out)."""
+    cpu = [r.get("epoch_cpu_seconds") for r in runs]
+    if any(c is None for c in cpu):
+        return None
+    return float(np.median([t for c in cpu for t in c[1:] or c]))
+
+
 def _mean_std(values: list) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
@@ -439,6 +448,7 @@ def collect(args, done: dict) -> dict:
                     best_mean_std=_mean_std(best),
                     diverged=[r["diverged"] or not c for r, c in zip(runs, complete)],
                     epoch_seconds_median=float(np.median(seconds or [np.nan])),
+                    epoch_cpu_seconds_median=_median_cpu(runs),
                     mean_curve=np.mean([r["test_acc"] for r in runs], 0).tolist()
                     if all(complete)
                     else None,
@@ -454,7 +464,7 @@ def format_table(args, table: dict) -> str:
             f"\n{dataset}: test accuracy (%), mean ± std over the finished seeds "
             f"(of {args.seeds}), {args.epochs} epochs",
             "",
-            "| method | seeds | last epoch | best epoch | published | s / epoch "
+            "| method | seeds | last epoch | best epoch | published | s / epoch (CPU) "
             "| weight lr | activity lr |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -470,9 +480,12 @@ def format_table(args, table: dict) -> str:
             cfg = row["config"]
             act = f"{cfg['activity_lr']:.3g}" if cfg["kind"] != "bp" else "–"
             flag = " (diverged)" if any(row["diverged"]) else ""
+            cpu = row["epoch_cpu_seconds_median"]
+            cpu = "" if cpu is None else f" ({cpu:.1f})"
             lines.append(
                 f"| {method} | {row['n_seeds']} | {lm:.2f} ± {ls:.2f}{flag} "
-                f"| {bm:.2f} ± {bs:.2f} | {pub} | {row['epoch_seconds_median']:.1f} "
+                f"| {bm:.2f} ± {bs:.2f} | {pub} "
+                f"| {row['epoch_seconds_median']:.1f}{cpu} "
                 f"| {cfg['param_lr']:.3g} | {act} |"
             )
     return "\n".join(lines) + "\n"
