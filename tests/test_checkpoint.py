@@ -108,7 +108,10 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     k = 3
     halfway = train(fresh_state(), k)
     jpc.save_checkpoint(tmp_path / "halfway.eqx", halfway)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # the fresh process imports the same `jpc` as this one
+    root = str(Path(jpc.__file__).resolve().parent.parent)
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
     proc = subprocess.run(
         [
             sys.executable,
@@ -162,14 +165,14 @@ def test_typed_and_legacy_keys_are_not_interchangeable(tmp_path):
         jpc.load_checkpoint(tmp_path / "s.eqx", dict(key=jr.PRNGKey(0)))
 
 
-def test_mismatched_structure_names_the_leaf(tmp_path, key):
-    jpc.save_checkpoint(tmp_path / "s.eqx", mlp_state(key, depth=3))
+def test_mismatched_structure_names_the_leaf(tmp_path):
+    jpc.save_checkpoint(tmp_path / "s.eqx", dict(a=jnp.ones(2), c=[jnp.ones(2)]))
     with pytest.raises(
         ValueError,
-        match=r"structure of `like`: saved leaf \d+ is `\['model'\]\[2\]\.layers"
-        r"\[1\]\.weight` but `like` has `\['model'\]\[3\]",
+        match=r"structure of `like`: saved leaf 1 is `\['c'\]\[0\]` but `like` has "
+        r"`\['b'\]\[0\]` there",
     ):
-        jpc.load_checkpoint(tmp_path / "s.eqx", mlp_state(key, depth=4))
+        jpc.load_checkpoint(tmp_path / "s.eqx", dict(a=jnp.ones(2), b=[jnp.ones(2)]))
 
 
 def test_missing_and_extra_leaves_are_named(tmp_path):

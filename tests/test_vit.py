@@ -355,6 +355,7 @@ def test_make_pc_step_trains_with_discrete_inference(key):
     adam = optax.adam(1e-2)
     state = adam.init((eqx.filter(model, eqx.is_array), None))
     first = ref_bp_loss(model, x, y, "ce")
+    activity_optim = optax.sgd(0.5)  # one object: a new one would recompile
     for _ in range(40):
         out = jpc.make_pc_step(
             model,
@@ -363,7 +364,7 @@ def test_make_pc_step_trains_with_discrete_inference(key):
             y,
             input=x,
             loss_id="ce",
-            activity_optim=optax.sgd(0.5),
+            activity_optim=activity_optim,
             n_inference_steps=5,
         )
         model, state = out["model"], out["opt_state"]
