@@ -272,8 +272,9 @@ def equilibrium(model, x, y, lam):
         y,
         input=x,
         output_energy_scaling=lam,
-        max_t1=2000,
-        stepsize_controller=dfx.PIDController(rtol=1e-11, atol=1e-11),
+        solver=dfx.Tsit5(),
+        max_t1=300,
+        stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
     )
     return [z[-1] for z in out]
 
@@ -289,7 +290,7 @@ def test_pc_param_grads_over_lambda_converge_to_backprop(key):
         _, activity_grads = jit(jpc.compute_pc_activity_grad)(
             (model, None), final, y, x=x, output_energy_scaling=lam
         )
-        assert max(float(jnp.max(jnp.abs(g))) for g in activity_grads) < 1e-9
+        assert max(float(jnp.max(jnp.abs(g))) for g in activity_grads) < 1e-8
         pc_grads, _ = jit(jpc.compute_pc_param_grads)(
             (model, None), final, y, x=x, output_energy_scaling=lam
         )
@@ -315,8 +316,8 @@ def test_discrete_and_ode_inference_reach_the_same_equilibrium(key):
         opt_state,
         y,
         input=x,
-        activity_optim=optax.sgd(0.5 * BATCH),
-        n_inference_steps=400,
+        activity_optim=optax.sgd(0.2 * BATCH),  # 0.2 per example
+        n_inference_steps=1500,
     )
     discrete = [z[-1] for z in out["activities"]]
     assert_trees_close(discrete[:-1], ode[:-1], rtol=1e-6, atol=1e-9)
