@@ -25,6 +25,7 @@ EXAMPLES = {
     "zil": "Zero-divergence inference learning",
     "local_rules": "Local rules vs PC vs backprop",
     "linear_theory": "Theory of deep linear networks",
+    "vit": "A vision transformer by PC and backprop",
 }
 MARKER = "<!-- examples-list -->"
 ONE = re.compile(r"<!-- example: (\w+) -->")

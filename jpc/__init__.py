@@ -3,6 +3,10 @@
 import importlib.metadata
 
 from . import datasets as datasets
+from ._checkpoint import (
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._diagnostics import (
     compare_to_backprop as compare_to_backprop,
     compute_grad_cosine_similarity as compute_grad_cosine_similarity,
@@ -93,6 +97,12 @@ from ._variants._hybrid import (
 )
 from ._variants._incremental import make_ipc_step as make_ipc_step
 from ._variants._zil import make_zil_step as make_zil_step
+from ._vit import (
+    ClassificationHead as ClassificationHead,
+    PatchEmbedding as PatchEmbedding,
+    TransformerBlock as TransformerBlock,
+    make_vit as make_vit,
+)
 
 
 _get_param_scalings = get_param_scalings
