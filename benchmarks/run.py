@@ -1,4 +1,4 @@
-"""Time `jpc`'s training steps against the pure-JAX yardstick (SPEC §12).
+"""Time `jpc`'s training steps against a hand-written pure-JAX yardstick.
 
     python -m benchmarks.run [--quick] [--workloads W0,W1] [--depths 8,16]
                              [--rounds N] [--skip depth,recompiles,nan] [--out FILE]
@@ -6,12 +6,17 @@
 Every time is per training step, compile excluded, the median over rounds; in
 each round every implementation runs a few chained steps in turn, so all of
 them see the same machine load. Wall and CPU time are both recorded (the CPU
-time of this process does not count waiting for a core on a shared machine).
-Sections: the workloads (SPEC §12 W1-W4 and the overhead probe W0) with the ODE
-solver-step counts; step and compile time against depth; compilations on new
-float hyperparameters; W0 again with `EQX_ON_ERROR=nan` (a subprocess). Prints a
-table of ratios to the yardstick and the targets met or missed, and writes JSON
-(default `benchmarks/results/results.json`).
+time of this process does not count waiting for a core on a shared machine;
+CPU/wall is above 1 when several cores work at once). Every workload also
+times `yardstick_sync` (the yardstick waiting for each result) and records
+XLA's cost analysis (FLOPs, bytes, instructions, fusions, host callbacks) of
+each compiled program, so that a gap in work is told apart from a gap in
+scheduling. Sections: the workloads (W1-W4 and the overhead probe W0) with
+the ODE solver-step counts (steady-state stop vs a fixed horizon) and the
+cost of `record_energies=True` on W4; step and compile time against depth;
+compilations on new float hyperparameters; W0 again with `EQX_ON_ERROR=nan`
+(a subprocess). Prints a table of ratios to the yardstick and the targets met
+or missed, and writes JSON (default `benchmarks/results/results.json`).
 """
 
 import argparse
@@ -37,7 +42,6 @@ import numpy as np
 import optax
 
 import jpc
-from jpc._infer import steady_state_event
 
 from . import yardstick as ys
 
@@ -72,10 +76,17 @@ WORKLOADS = {
         "W1", 784, 300, 3, 10, "tanh", 64, note="784-300-300-10 tanh",
         impls=("yardstick", "yardstick_sync", "fused", "loop", "bp_yardstick", "bp"),
     ),
-    "W2": Workload("W2", 784, 128, 11, 10, "relu", 128, note="784-10x128-10 relu"),
-    "W3": Workload("W3", 784, 300, 3, 10, "tanh", 1024, note="784-300-300-10 tanh"),
+    "W2": Workload(
+        "W2", 784, 128, 11, 10, "relu", 128, note="784-10x128-10 relu",
+        impls=("yardstick", "yardstick_sync", "fused", "loop", "bp_yardstick", "bp"),
+    ),
+    "W3": Workload(
+        "W3", 784, 300, 3, 10, "tanh", 1024, note="784-300-300-10 tanh",
+        impls=("yardstick", "yardstick_sync", "fused", "loop", "bp_yardstick", "bp"),
+    ),
     "W4": Workload(
-        "W4", 784, 300, 3, 10, "tanh", 64, impls=("yardstick", "ode"),
+        "W4", 784, 300, 3, 10, "tanh", 64,
+        impls=("yardstick", "yardstick_sync", "ode", "ode_record_energies"),
         note="W1 with the default ODE path (Heun + PID, max_t1=20)",
     ),
 }  # fmt: skip
@@ -169,6 +180,11 @@ def impl_ode(p: Problem):
     return _pc_step(p)
 
 
+def impl_ode_record_energies(p: Problem):
+    """The default ODE path, also recording the per-layer energies along it."""
+    return _pc_step(p, record_energies=True)
+
+
 def impl_loop(p: Problem):
     """The Python loop of `update_pc_activities` calls a user writes by hand."""
 
@@ -204,10 +220,68 @@ IMPLS: dict[str, Callable] = {
     "yardstick_sync": impl_yardstick_sync,
     "fused": impl_fused,
     "ode": impl_ode,
+    "ode_record_energies": impl_ode_record_energies,
     "loop": impl_loop,
     "bp_yardstick": impl_bp_yardstick,
     "bp": impl_bp,
 }
+
+
+# ---------------------------------------------------------- compiled programs
+
+
+def _lowered(impl: str, p: Problem):
+    """The `jax.stages.Lowered` program one step of `impl` runs, or `None`."""
+    w = p.workload
+    act = jpc.get_act_fn(w.act)
+    yargs = (p.params, ys.adam_init(p.params), p.x, p.y)
+    if impl in ("yardstick", "yardstick_sync"):
+        return ys.make_pc_step(act, w.n_steps, ACTIVITY_LR, PARAM_LR).lower(*yargs)
+    if impl == "bp_yardstick":
+        return ys.make_bp_step(act, PARAM_LR).lower(*yargs)
+    opt_state = adam_state(p, p.model)
+    common = (p.model, p.optim, opt_state, p.y)
+    if impl == "bp":
+        return jpc.make_bp_step.lower(*common, input=p.x)
+    kwargs = {
+        "fused": dict(activity_optim=p.activity_optim, n_inference_steps=w.n_steps),
+        "ode": {},
+        "ode_record_energies": dict(record_energies=True),
+    }.get(impl)
+    if kwargs is None:
+        return None
+    return jpc.make_pc_step.jitted.lower(*common, input=p.x, **kwargs)
+
+
+def program_stats(impls, p: Problem) -> dict[str, dict[str, Any]]:
+    """XLA's cost analysis and the size of each compiled step program.
+
+    `flops` and `bytes` are XLA's static estimates (`cost_analysis()`), in which a
+    loop body counts once; equal numbers mean the same work per step, so that a
+    time gap between equal programs is a gap in scheduling or dispatch, not work.
+    Also the number of HLO instructions, fusions and host callbacks (a program
+    with a host callback is run synchronously by JAX's CPU client).
+    """
+    out = {}
+    for impl in impls:
+        lowered = _lowered(impl, p)
+        if lowered is None:
+            continue
+        compiled = lowered.compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        text = compiled.as_text()
+        out[impl] = {
+            "flops": float(cost.get("flops", float("nan"))),
+            "bytes": float(cost.get("bytes accessed", float("nan"))),
+            "instructions": sum(1 for line in text.splitlines() if " = " in line),
+            "fusions": text.count(" fusion("),
+            "host_callbacks": sum(
+                "custom-call(" in line and "callback" in line
+                for line in text.splitlines()
+            ),
+        }
+    return out
 
 
 # ------------------------------------------------------------------- checks
@@ -317,23 +391,29 @@ def time_interleaved(impls: dict, rounds: int, target: float) -> dict[str, dict]
 
 
 def ode_solver_steps(p: Problem, max_t1: float) -> dict[str, Any]:
-    """Accepted Heun steps of jpc's solve (steady-state stop) vs a fixed horizon."""
+    """Accepted Heun steps of jpc's default solve (which stops at a steady state)
+    vs a fixed-horizon diffrax solve of the same vector field to `max_t1`.
+
+    Public API only: jpc's count is the last recorded row of a `record_iters`
+    solve (`jpc.get_t_max`), with `max_steps` large enough for a long horizon.
+    """
     controller = dfx.PIDController(rtol=1e-3, atol=1e-3)
     z0 = jpc.init_activities_with_ffwd(p.model, p.x)
     recorded = jpc.solve_inference(
-        (p.model, None), z0, p.y, input=p.x, max_t1=max_t1, record_iters=True
-    )
+        (p.model, None), z0, p.y, input=p.x, max_t1=max_t1, record_iters=True,
+        max_steps=4096,
+    )  # fmt: skip
     args = ((p.model, None), p.y, p.x, "mse", "sp", 0.0, 0.0, 0.0)
-    result = {"max_t1": max_t1, "jpc_steps": int(jpc.get_t_max(recorded))}
-    for name, event in [("stop", steady_state_event(controller)), ("fixed", None)]:
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(jpc.neg_pc_activity_grad), dfx.Heun(), 0.0, max_t1, None,
-            z0, args=args, stepsize_controller=controller, event=event,
-            max_steps=100_000,
-        )  # fmt: skip
-        result[f"{name}_steps"] = int(sol.stats["num_accepted_steps"])
-        result[f"{name}_t_end"] = float(sol.ts[-1])
-    return result
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(jpc.neg_pc_activity_grad), dfx.Heun(), 0.0, max_t1, None,
+        z0, args=args, stepsize_controller=controller, max_steps=100_000,
+    )  # fmt: skip
+    return {
+        "max_t1": max_t1,
+        "stop_steps": int(jpc.get_t_max(recorded)),
+        "fixed_steps": int(sol.stats["num_accepted_steps"]),
+        "fixed_t_end": float(sol.ts[-1]),
+    }
 
 
 # ----------------------------------------------------------------- sections
@@ -349,6 +429,7 @@ def run_workloads(names, rounds, target) -> dict:
         impls = {impl: IMPLS[impl](p) for impl in w.impls}
         entry["times"] = time_interleaved(impls, rounds, target)
         entry["max_rel_diff_vs_yardstick"] = check_same_maths(entry["times"], name)
+        entry["programs"] = program_stats(w.impls, p)
         for t in entry["times"].values():
             del t["first_state"]
         if "ode" in w.impls:
@@ -499,6 +580,21 @@ def print_table(results: dict) -> None:
             cell = f"{_fmt_time(t)} ({t / base:.2f}|{paired:.2f}|{cpu:.2f})"
             cells.append(f"{cell:>{width}}")
         print(f"{name:4}" + "".join(cells))
+    print("\nCPU time / wall time per step (median; > 1 when several cores work)")
+    for name, entry in results.items():
+        row = {
+            k: round(v["median_cpu_s"] / v["median_s"], 2)
+            for k, v in entry["times"].items()
+        }
+        print(f"{name:4}" + _fmt_row(row))
+    print("\ncompiled programs (XLA cost analysis; a loop body counts once)")
+    for name, entry in results.items():
+        for impl, st in entry.get("programs", {}).items():
+            print(
+                f"{name:4}{impl:>20}: {st['flops']:.4g} flops, {st['bytes']:.4g} bytes,"
+                f" {st['instructions']} instructions, {st['fusions']} fusions,"
+                f" {st['host_callbacks']} host callbacks"
+            )
     print("\nfirst call (compile + one step)")
     for name, entry in results.items():
         row = {f"{k}_s": v["first_call_s"] for k, v in entry["times"].items()}
@@ -545,7 +641,9 @@ def _ratio(entry: dict, impl: str, kind: str) -> float:
 
 
 def check_targets(results: dict) -> dict[str, Any]:
-    """The targets of SPEC §12 / issue 6, as `value (met|MISSED)` strings."""
+    """The targets (W0 fused <= 1.3x the yardstick, W1-W3 <= 1.05x; no
+    recompilation on new floats), as `value (met|MISSED)` strings, and the
+    ratios reported beside them."""
     out: dict[str, Any] = {}
 
     def verdict(value: float, ok: bool) -> str:
@@ -555,7 +653,7 @@ def check_targets(results: dict) -> dict[str, Any]:
     if "W0_eqx_on_error_nan" in results:
         runs["W0 (EQX_ON_ERROR=nan)"] = results["W0_eqx_on_error_nan"]
     for name, entry in runs.items():
-        limit = 1.5 if name.startswith("W0") else 1.10
+        limit = 1.3 if name.startswith("W0") else 1.05
         if name.split()[0] not in ("W0", "W1", "W2", "W3"):
             continue
         kinds = ("wall, ratio of medians", "wall, paired", "CPU, paired", "wall, min")
@@ -563,12 +661,23 @@ def check_targets(results: dict) -> dict[str, Any]:
             r = _ratio(entry, "fused", kind)
             out[f"{name} fused/yardstick <= {limit} ({kind})"] = verdict(r, r <= limit)
     for name, entry in results.get("workloads", {}).items():
+        programs = entry.get("programs", {})
+        if "fused" in programs and "yardstick" in programs:
+            r = programs["fused"]["flops"] / programs["yardstick"]["flops"]
+            out[f"{name} program flops, fused/yardstick"] = f"{r:.4f}"
+        if "ode_record_energies" in entry["times"] and "ode" in entry["times"]:
+            for kind in ("wall, ratio of medians", "wall, paired", "CPU, paired"):
+                r = _ratio(entry, "ode_record_energies", kind) / _ratio(
+                    entry, "ode", kind
+                )
+                out[f"{name} record_energies cost, ode with/without ({kind})"] = (
+                    f"{r:.3f}"
+                )
         for s in entry.get("ode_steps", []):
             key = f"{name} ODE steps, stop vs fixed horizon, max_t1={s['max_t1']:g}"
             out[key] = (
                 f"{s['stop_steps']} vs {s['fixed_steps']} "
-                f"({'fewer' if s['stop_steps'] < s['fixed_steps'] else 'same'};"
-                f" jpc's solve took {s['jpc_steps']})"
+                f"({'fewer' if s['stop_steps'] < s['fixed_steps'] else 'same'})"
             )
     fit = results.get("depth_fit", {})
     for key in (

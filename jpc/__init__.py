@@ -30,6 +30,10 @@ from ._init import (
     init_activities_from_normal as init_activities_from_normal,
     init_activities_with_ffwd as init_activities_with_ffwd,
 )
+from ._jit import (
+    raise_pending_step_errors as raise_pending_step_errors,
+    set_step_error_timing as set_step_error_timing,
+)
 from ._layers import (
     get_param_scalings as get_param_scalings,
 )

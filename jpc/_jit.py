@@ -17,6 +17,14 @@ per-call work:
   are dispatched asynchronously, as with `jax.jit`, so that the Python work of
   the next call overlaps with this one's computation. The outputs are rebuilt
   while the program runs, before waiting.
+- the library's own runtime checks (`error_if` below) add no host callback to
+  the program: each check becomes a flag, returned as one extra integer output
+  (the index of the first failed check), which the call inspects. A program with a
+  host callback is run synchronously by JAX's CPU client, so a callback, even one
+  that never fires, would stop asynchronous dispatch. Training steps (functions
+  marked with `deferred_checks`) inspect the flag of a call at the *next* call by
+  default (`set_step_error_timing`), so they never wait; other functions wait for
+  the flag and raise at the call.
 
 Modules holding a mutable container (a `list` or `dict` field) are never
 remembered: they are flattened on every call. Static leaves must be hashable, as
@@ -47,6 +55,12 @@ _EQX_ERROR = "_EquinoxRuntimeError: "
 # Equinox reads the same variable when it is imported. With "nan" or "off" a check
 # never raises, so no call has to wait for its result.
 _CHECKS_RAISE = os.environ.get("EQX_ON_ERROR", "raise") in ("raise", "breakpoint")
+# With "raise", `error_if` inside a `lean_jit` trace becomes a flag output.
+_COLLECT = os.environ.get("EQX_ON_ERROR", "raise") == "raise"
+_TIMINGS = ("next_call", "call")
+_timing = {"when": "next_call"}  # see `set_step_error_timing`
+_collectors: list = []  # stack of (trace state, [(pred, message), ...])
+_pending: dict = {}  # deferred-check function -> (code array, messages, name)
 
 
 class _Static:
@@ -236,9 +250,17 @@ def unflatten(treedef: Any, slots: tuple, arrays: list, remember: bool) -> Any:
 
 def _traceable(fn: Callable, treedef: Any, slots: tuple) -> Callable:
     def traced(arrays):
-        args, kwargs = unflatten(treedef, slots, arrays, remember=False)
-        out_def, out_slots, out_arrays = flatten(fn(*args, **kwargs))
-        return out_arrays, _Static((out_def, out_slots))
+        checks: list = []
+        _collectors.append((jex.get_opaque_trace_state(), checks))
+        try:
+            args, kwargs = unflatten(treedef, slots, arrays, remember=False)
+            out_def, out_slots, out_arrays = flatten(fn(*args, **kwargs))
+        finally:
+            _collectors.pop()
+        messages = tuple(msg for _, msg in checks)
+        if checks:
+            out_arrays = [*out_arrays, _error_code(checks)]
+        return out_arrays, _Static((out_def, out_slots, messages))
 
     traced.__name__ = getattr(fn, "__name__", "jpc_step")
     return traced
@@ -282,16 +304,129 @@ def _raise_runtime_error(err: Exception) -> None:
     raise eqx.EquinoxRuntimeError(message) from None
 
 
+def _error_code(checks: list) -> jax.Array:
+    """`int32` scalar: 0 if no check failed, else 1 + index of the first failure."""
+    code = jnp.zeros((), jnp.int32)
+    for i in reversed(range(len(checks))):
+        code = jnp.where(jnp.any(checks[i][0]), jnp.int32(i + 1), code)
+    return code
+
+
+def _collector() -> list | None:
+    """The checks list of the `lean_jit` trace we are directly in, else `None`."""
+    if not _COLLECT or not _collectors:
+        return None
+    state, checks = _collectors[-1]
+    return checks if jex.get_opaque_trace_state() == state else None
+
+
+def _check_code(code: Any, messages: tuple, name: str, previous: bool) -> None:
+    """Raise `eqx.EquinoxRuntimeError` if `code` (waited for) flags a failure."""
+    index = int(code)
+    if index == 0:
+        return
+    message = messages[index - 1]
+    if previous:
+        message += (
+            f" (This check failed in the previous call of `{name}`, whose results "
+            "are not valid; training steps report a failed check at the next call. "
+            'Call `jpc.set_step_error_timing("call")` to raise at the failing call.)'
+        )
+    raise eqx.EquinoxRuntimeError(message)
+
+
+def _traced_check(out_arrays: list, code: Any, messages: tuple) -> list:
+    """Under an outer trace: pass the flag on, or check it in the program."""
+    checks = _collector()
+    if checks is not None:  # an enclosing `lean_jit` trace reports it
+        checks.extend((code == i + 1, msg) for i, msg in enumerate(messages))
+        return out_arrays
+    flag = eqx.branched_error_if(
+        jnp.zeros(()), code > 0, jnp.maximum(code - 1, 0), messages
+    )
+    return [
+        jnp.where(flag == 0, a, jnp.nan) if eqx.is_inexact_array(a) else a
+        for a in out_arrays
+    ]
+
+
+def set_step_error_timing(when: str) -> str:
+    """Choose when a training step reports a failed runtime check.
+
+    [`jpc.make_pc_step`][] checks that the energy at the inferred activities is
+    finite (and, on the ODE path, that the solve succeeded). Waiting for that
+    check at every call would stop JAX's asynchronous dispatch: the Python work
+    of the next call could no longer overlap with this step, which matters most
+    for small networks and on accelerators. So by default (`"next_call"`) a call
+    returns at once, and a failed check is raised as `eqx.EquinoxRuntimeError`
+    at the **next** call of the same function, before that call returns (its
+    message says so); the failing call's results are not valid (e.g. NaN).
+    Call [`jpc.raise_pending_step_errors`][] to report the last call's check
+    without another step, e.g. at the end of training.
+
+    With `"call"`, every call waits for its check and raises at the failing
+    call, like `eqx.filter_jit`. Functions other than training steps (e.g.
+    [`jpc.solve_inference`][]) always raise at the call. With the environment
+    variable `EQX_ON_ERROR=nan` (read by Equinox at import) a failed check
+    gives NaN results instead, and no call waits.
+
+    **Arguments:**
+
+    - `when`: `"next_call"` (the default setting) or `"call"`.
+
+    **Returns:**
+
+    The previous setting, so that it can be restored.
+
+    **Raises:**
+
+    `ValueError` if `when` is neither `"next_call"` nor `"call"`.
+    """
+    if not isinstance(when, str) or when not in _TIMINGS:
+        raise ValueError(f'`when` must be "next_call" or "call", got {when!r}.')
+    previous, _timing["when"] = _timing["when"], when
+    return previous
+
+
+def raise_pending_step_errors() -> None:
+    """Report the runtime check of the last call of each training step now.
+
+    With the default timing of [`jpc.set_step_error_timing`][] a failed check
+    of a training step is raised at its next call; this waits for the last
+    call of every training step and raises its failed check, if any.
+
+    **Raises:**
+
+    `eqx.EquinoxRuntimeError` with the check's message if the last call of a
+    training step failed its check (reported once).
+    """
+    while _pending:
+        _, (code, messages, name) = _pending.popitem()
+        _check_code(code, messages, name, previous=True)
+
+
+def deferred_checks(fn: Callable) -> Callable:
+    """Mark `fn` (before `lean_jit`) as a training step whose checks may be
+    reported at its next call (see `set_step_error_timing`)."""
+    fn._jpc_deferred_checks = True  # type: ignore[attr-defined]
+    return fn
+
+
 def lean_jit(fn: Callable) -> Callable:
     """`eqx.filter_jit(fn)` with a small per-call cost.
 
     Arrays (JAX or NumPy) are traced and every other leaf is static, as in
     `eqx.filter_jit`; like it, a call whose program holds an `eqx.error_if` check
     waits for its result, so that a failure is raised at the call as
-    `eqx.EquinoxRuntimeError`. Calls of programs without such a check return at
-    once, as with `jax.jit`.
+    `eqx.EquinoxRuntimeError`. Checks made with `error_if` (below) are flags
+    instead: the call waits only for the flag, or, for a function marked with
+    `deferred_checks` and the default timing, inspects it at its next call.
+    Calls of programs without a check return at once, as with `jax.jit`.
+    `jitted.lower(*args, **kwargs)` gives the program of a call, for inspection.
     """
     cache: dict = {}  # (treedef, slots) -> [jitted, wait or None (undecided)]
+    deferred = getattr(fn, "_jpc_deferred_checks", False)
+    name = getattr(fn, "__name__", "jitted function")
 
     @functools.wraps(fn)
     def jitted(*args, **kwargs):
@@ -312,21 +447,38 @@ def lean_jit(fn: Callable) -> Callable:
             _callback_logger.addFilter(_quiet_callback_failure)
         try:
             out_arrays, out_static = compiled(arrays)
-            concrete = bool(out_arrays) and not isinstance(
-                out_arrays[0], jax.core.Tracer
-            )
-            out_def, out_slots = out_static.value
+            out_def, out_slots, messages = out_static.value
+            code = out_arrays.pop() if messages else None
+            probe = code if messages else (out_arrays[0] if out_arrays else None)
+            concrete = probe is not None and not isinstance(probe, jax.core.Tracer)
+            if messages and not concrete:
+                out_arrays = _traced_check(out_arrays, code, messages)
             # Rebuild the outputs while the program runs, then wait if needed.
             out = unflatten(out_def, out_slots, out_arrays, remember=concrete)
-            if wait and concrete:
+            if wait and concrete and out_arrays:
                 out_arrays[0].block_until_ready()
         except (jax.errors.JaxRuntimeError, ValueError) as err:
             _raise_runtime_error(err)
         finally:
             if wait:
                 _callback_logger.removeFilter(_quiet_callback_failure)
+        if messages and concrete:
+            previous = _pending.pop(jitted, None) if deferred else None
+            if previous is not None:  # this call's results are dropped if it raises
+                _check_code(*previous, previous=True)
+            if deferred and _timing["when"] == "next_call":
+                _pending[jitted] = (code, messages, name)
+            else:
+                _check_code(code, messages, name, previous=False)
         return out
 
+    def lower(*args, **kwargs):
+        """`jax.jit(...).lower` of the program a call with these arguments runs
+        (for inspection: `.compile().cost_analysis()`, `.as_text()`)."""
+        treedef, slots, arrays = flatten((args, kwargs))
+        return jax.jit(_traceable(fn, treedef, slots)).lower(arrays)
+
+    jitted.lower = lower  # type: ignore[attr-defined]
     return jitted
 
 
@@ -338,7 +490,16 @@ def error_if(tree: Any, pred: Any, msg: str) -> Any:
     runs on a scalar and `tree` is returned bitwise unchanged, through a select on
     that scalar that keeps the check in the program (with `EQX_ON_ERROR=nan` the
     floating-point arrays become NaN, as with `eqx.error_if`).
+
+    Directly inside the trace of a `lean_jit` function (not under a `vmap`, a
+    loop or a nested `jax.jit`) with `EQX_ON_ERROR=raise`, the check is instead
+    a flag that the call inspects (see the module doc), and `tree` is returned
+    as it is.
     """
+    checks = _collector()
+    if checks is not None:  # inside a `lean_jit` trace: a flag, no host callback
+        checks.append((pred, msg))
+        return tree
     flag = eqx.error_if(jnp.zeros(()), pred, msg)
 
     def keep(leaf):

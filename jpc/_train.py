@@ -20,7 +20,7 @@ from ._eval import infer_energies
 from ._grads import vector_field_args
 from ._infer import solve
 from ._init import init_activities_from_normal
-from ._jit import lean_jit
+from ._jit import deferred_checks, error_if, lean_jit
 from ._layers import check_output, feedforward, get_param_scalings
 from ._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
 from ._updates import ENERGY_FLOATS, NAMES, discrete_inference, param_step
@@ -146,6 +146,7 @@ def _norms(requested: bool, tree) -> list | None:
 
 
 @traced_floats(*ENERGY_FLOATS, "sigma", "beta")
+@deferred_checks  # a failed check is raised at the next call by default
 def make_pc_step(
     model: Model,
     optim: optax.GradientTransformation,
@@ -223,8 +224,10 @@ def make_pc_step(
 
     **Raises:**
 
-    `ValueError` for bad options or inputs; a runtime error if the energy at the
-    inferred state is not finite.
+    `ValueError` for bad options or inputs; `eqx.EquinoxRuntimeError` if the
+    energy at the inferred state is not finite (or the ODE solve failed): by
+    default at the *next* call, so that calls never wait for their step to
+    finish; see [`jpc.set_step_error_timing`][].
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
@@ -278,7 +281,7 @@ def make_pc_step(
         )
         energy, new_model, new_skip, grads, opt_state = update
         trajectory, final, t_max, output_energy_scaling = first_phase
-    new_model = eqx.error_if(
+    new_model = error_if(
         new_model,
         ~jnp.isfinite(energy),
         "make_pc_step: the energy at the inferred activities is not finite.",

@@ -23,3 +23,14 @@ def keys():
 @pytest.fixture(params=[0, 1, 2])
 def seed(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_pending_step_errors():
+    """A failed check left pending by one test (reported at the next call of a
+    training step) must not be raised in another test; the timing is reset."""
+    yield
+    from jpc import _jit
+
+    _jit._pending.clear()
+    _jit._timing["when"] = "next_call"

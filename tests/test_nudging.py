@@ -137,9 +137,12 @@ def test_fused_nudging_equals_definition(key, nudging):
         nudged = pc_step(p, optim, nudging="positive", beta=1.0, **kw)
         plain = pc_step(p, optim, **kw)
         assert_trees_close(arrays(nudged["model"]), arrays(plain["model"]), rtol=1e-12)
-        # A traced zero cannot be caught at trace time; it fails at run time.
+        # A traced zero cannot be caught at trace time; it fails at run time
+        # (at the call with the "call" timing of training-step checks).
+        previous = jpc.set_step_error_timing("call")
         with pytest.raises(eqx.EquinoxRuntimeError, match="`beta` must be non-zero"):
             pc_step(p, optim, nudging="positive", beta=jnp.asarray(0.0), **kw)
+        jpc.set_step_error_timing(previous)
 
 
 def cosine(a, b):

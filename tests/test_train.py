@@ -323,10 +323,12 @@ def _regression_batch(key, B=16, d_in=4, d_out=3):
 
 
 def test_non_finite_energy_raises(key):
-    """A diverging inference is reported at the call (SPEC §2), not returned."""
+    """A diverging inference is reported (SPEC §2), not returned: at the call with
+    the `"call"` timing (the default timing is tested in test_step_errors.py)."""
     x, y = _regression_batch(jr.PRNGKey(3))
     model = jpc.make_mlp(key, 4, 16, 3, 3, "tanh")
     optim = optax.sgd(0.1)
+    previous = jpc.set_step_error_timing("call")
     with pytest.raises(eqx.EquinoxRuntimeError, match="energy .* is not finite"):
         jpc.make_pc_step(
             model,
@@ -337,6 +339,7 @@ def test_non_finite_energy_raises(key):
             activity_optim=optax.sgd(1e300),
             n_inference_steps=5,
         )
+    jpc.set_step_error_timing(previous)
 
 
 @pytest.mark.parametrize("path", ["fused", "ode"])
