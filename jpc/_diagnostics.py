@@ -276,8 +276,8 @@ def compare_to_backprop(
         rtol=1e-3, atol=1e-3
     ),
     max_steps: int | None = None,
-    steady_state_rtol: Scalar = DEFAULT_STEADY_STATE_RTOL,
-    steady_state_atol: Scalar = DEFAULT_STEADY_STATE_ATOL,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> BackpropComparison:
     r"""Cosine similarity to the backprop gradient of PC, FA, KP, WP and NP updates.
 

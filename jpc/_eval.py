@@ -162,8 +162,8 @@ def test_generative_pc(
     spectral_penalty: Scalar = 0.0,
     activity_decay: Scalar = 0.0,
     max_steps: int | None = None,
-    steady_state_rtol: Scalar = DEFAULT_STEADY_STATE_RTOL,
-    steady_state_atol: Scalar = DEFAULT_STEADY_STATE_ATOL,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> tuple[Float[Array, ""], Float[Array, "batch ..."]]:
     """Evaluate a generative network (label → data) by inferring its input.
 

@@ -20,8 +20,10 @@ from ._jit import error_if
 from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
 
 
-DEFAULT_STEADY_STATE_RTOL = 1e-3
-DEFAULT_STEADY_STATE_ATOL = 1e-3
+# `None`: the step-size controller's `rtol`/`atol`, or `_FALLBACK_TOL` without them.
+DEFAULT_STEADY_STATE_RTOL = None
+DEFAULT_STEADY_STATE_ATOL = None
+_FALLBACK_TOL = 1e-3
 STOP_FLOATS = ("steady_state_rtol", "steady_state_atol")
 _DEFAULT_MAX_STEPS = 4096
 _DEFAULT_RECORD_STEPS = 1024
@@ -112,10 +114,12 @@ def steady_state_event(
     state (the JPC library's event tested the state and never fired), and per
     example and layer, so that large activities in one example or layer do not
     loosen it for the others. (A step-size controller passed as `rtol`, the old
-    form of the call, gives the default tolerances.)
+    form of the call, gives its own tolerances, as the default does.)
     """
     if isinstance(rtol, dfx.AbstractStepSizeController):
-        rtol = DEFAULT_STEADY_STATE_RTOL
+        rtol, atol = _stop_tolerances(None, None, rtol)
+    rtol = _FALLBACK_TOL if rtol is None else rtol
+    atol = _FALLBACK_TOL if atol is None else atol
 
     def cond_fn(t, y, args, **kwargs):
         free = list(y[:-1])
@@ -302,7 +306,7 @@ def solve(
     _check_solve_options(dt, controller, max_t1)
     check_max_steps(max_steps)
     n_steps = _max_steps(max_steps, max_t1, dt, controller, record_iters)
-    rtol, atol = _stop_tolerances(steady_state_rtol, steady_state_atol)
+    rtol, atol = _stop_tolerances(steady_state_rtol, steady_state_atol, controller)
     dtype = _state_dtype(activities)
     y0 = check_finite_inputs(activities, kwargs["y"], kwargs["x"], names, caller)
     y0 = check_stop_signs(y0, rtol, atol, caller)
@@ -344,9 +348,12 @@ def check_max_steps(max_steps) -> None:
         )
 
 
-def _stop_tolerances(rtol, atol) -> tuple[Any, Any]:
-    rtol = DEFAULT_STEADY_STATE_RTOL if rtol is None else rtol
-    atol = DEFAULT_STEADY_STATE_ATOL if atol is None else atol
+def _stop_tolerances(rtol, atol, controller) -> tuple[Any, Any]:
+    """The stop's tolerances; `None` takes the controller's (1e-3 without)."""
+    if rtol is None:
+        rtol = getattr(controller, "rtol", _FALLBACK_TOL)
+    if atol is None:
+        atol = getattr(controller, "atol", _FALLBACK_TOL)
     if _is_zero(rtol) and _is_zero(atol):
         raise ValueError(
             "`steady_state_rtol` and `steady_state_atol` cannot both be 0 (the "
@@ -399,8 +406,8 @@ def solve_inference(
     record_iters: bool = False,
     record_every: float | None = None,
     max_steps: int | None = None,
-    steady_state_rtol: Scalar = DEFAULT_STEADY_STATE_RTOL,
-    steady_state_atol: Scalar = DEFAULT_STEADY_STATE_ATOL,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> list[Float[Array, "time batch ..."]]:
     r"""Run inference $\dot z = -\partial\mathcal{F}/\partial z$ with a diffrax solver.
 
@@ -436,8 +443,11 @@ def solve_inference(
         constant step, else 4096 (1024 when `record_iters`, which stores every
         step).
     - `steady_state_rtol`, `steady_state_atol`: tolerances of the steady-state
-        stop (default `1e-3` each; traced). The activities end within about this
-        tolerance of the equilibrium; keep them no tighter than the controller's.
+        stop (traced). `None` (default) takes the step-size controller's `rtol` and
+        `atol` (`1e-3` for a controller without, such as
+        `diffrax.ConstantStepSize`), so a tighter controller gives a tighter stop
+        as before. The activities end within about this tolerance of the
+        equilibrium; keep them no tighter than the controller's.
 
     **Returns:**
 

@@ -195,8 +195,8 @@ def make_pc_step(
     nudging: Literal["positive", "negative", "centred"] | None = None,
     beta: Scalar = 0.1,
     max_steps: int | None = None,
-    steady_state_rtol: Scalar = DEFAULT_STEADY_STATE_RTOL,
-    steady_state_atol: Scalar = DEFAULT_STEADY_STATE_ATOL,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> PCStepResult:
     """One predictive-coding training step: inference, then a parameter update.
 

@@ -237,8 +237,8 @@ def make_hpc_step(
     activity_optim: optax.GradientTransformation | None = None,
     n_inference_steps: int | None = None,
     max_steps: int | None = None,
-    steady_state_rtol: Scalar = DEFAULT_STEADY_STATE_RTOL,
-    steady_state_atol: Scalar = DEFAULT_STEADY_STATE_ATOL,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> HPCStepResult:
     """One hybrid PC training step (see the module description for the flow).
 
@@ -344,8 +344,8 @@ def test_hpc(
         rtol=1e-3, atol=1e-3
     ),
     max_steps: int | None = None,
-    steady_state_rtol: Scalar = DEFAULT_STEADY_STATE_RTOL,
-    steady_state_atol: Scalar = DEFAULT_STEADY_STATE_ATOL,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Array]:
     """Evaluate a hybrid PC network: amortised, hybrid and generative inference.
 
