@@ -253,7 +253,8 @@ def check_solution(sol, args, n_steps: int, max_t1, caller: str) -> list:
         ys,
         ran_out & ~non_finite,
         f"{caller}: the ODE solver took max_steps={n_steps} steps before "
-        f"t={max_t1} without reaching a steady state; pass a larger `max_steps`, "
+        f"t={max_t1} without reaching a steady state (if its steps were all "
+        "rejected, the dynamics may be diverging); pass a larger `max_steps`, "
         "a smaller `max_t1`, looser `steady_state_rtol`/`steady_state_atol` or a "
         "looser `stepsize_controller`.",
     )

@@ -683,13 +683,12 @@ def test_non_finite_activities_argument_is_named():
         jax.block_until_ready(out)
 
 
-@pytest.mark.parametrize(
-    "controller",
-    [diffrax.ConstantStepSize(), diffrax.PIDController(rtol=1e-3, atol=1e-3)],
-)
-def test_divergence_is_reported_as_non_finite(controller):
+def test_divergence_is_reported_as_non_finite():
     """A field that overflows (an exponential layer) is reported as a
-    non-finite state, not as running out of steps."""
+    non-finite state, not as running out of steps. (An adaptive controller
+    rejects each non-finite trial step and stalls at a finite state; that case
+    is still reported as running out of `max_steps`.)"""
+    controller = diffrax.ConstantStepSize()
     k1, k2 = jr.split(jr.PRNGKey(0))
     model = [
         eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=k1)]),
