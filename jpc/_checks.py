@@ -4,6 +4,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from ._jit import lean_jit
@@ -108,8 +109,8 @@ def traced_floats(*names: str) -> Callable[[Callable], Callable]:
     """Jit `fn` (like `eqx.filter_jit`), passing the keyword arguments `names` traced.
 
     `eqx.filter_jit` treats Python floats as static, so every new value would
-    recompile. Non-zero Python numbers given for `names` are turned into NumPy
-    scalars (traced arrays); an exact `0` stays static so that a switched-off
+    recompile. Non-zero Python numbers given for `names` are turned into weakly
+    typed JAX scalars (traced arrays); an exact `0` stays static so that a switched-off
     regulariser is left out of the compiled program. The jit is `lean_jit` (`_jit.py`),
     whose per-call overhead is small.
     """
@@ -122,7 +123,9 @@ def traced_floats(*names: str) -> Callable[[Callable], Callable]:
             for name in names:
                 value = kwargs.get(name)
                 if _is_number(value) and value != 0:
-                    kwargs[name] = np.asarray(value, dtype=float)
+                    # Weakly typed, so it takes the dtype of the arrays it meets
+                    # (float32 data stays float32 with `jax_enable_x64` on).
+                    kwargs[name] = jnp.asarray(float(value))
             return jitted(*args, **kwargs)
 
         wrapper.jitted = jitted  # type: ignore[attr-defined]

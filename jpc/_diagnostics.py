@@ -17,7 +17,13 @@ import optax
 
 from ._checks import check_sequence, traced_floats
 from ._grads import compute_pc_param_grads
-from ._layers import weight_leaves
+from ._infer import (
+    DEFAULT_STEADY_STATE_ATOL,
+    DEFAULT_STEADY_STATE_RTOL,
+    STOP_FLOATS,
+    stop_options,
+)
+from ._layers import weight_matrices
 from ._perturbation import compute_np_param_grads, compute_wp_param_grads
 from ._rules import (
     backprop_grads,
@@ -182,7 +188,7 @@ def compute_layer_grad_variance_ratios(
         )
     variances = []
     for layer in grads:
-        weights = [jnp.ravel(w) for w in weight_leaves(layer)]
+        weights = [jnp.ravel(w) for w in weight_matrices(layer)]
         variances.append(jnp.var(jnp.concatenate(weights)) if weights else jnp.nan)
     variances = jnp.stack([jnp.asarray(v, float) for v in variances])
     return VarianceRatios(variances=variances, ratios=variances / variances[reference])
@@ -238,8 +244,8 @@ def _pc_grads(model, x, y, loss_id, skip_model, param_type, inference, lam):
     start, _ = initial_activities(
         model, skip_model, y, x, param_type, None, (None, None, None, None)
     )
-    ode, discrete = inference
-    _, final, _ = infer(params, start, y, x, ode, discrete, False, energy_kwargs)
+    ode, discrete, stop = inference
+    _, final, _ = infer(params, start, y, x, ode, discrete, False, energy_kwargs, stop)
     at = [
         compute_pc_param_grads(params, acts, y, x=x, **energy_kwargs)[0]
         for acts in (start, final)
@@ -247,7 +253,7 @@ def _pc_grads(model, x, y, loss_id, skip_model, param_type, inference, lam):
     return at[0], at[1]
 
 
-@traced_floats("sigma", "output_energy_scaling")
+@traced_floats("sigma", "output_energy_scaling", *STOP_FLOATS)
 def compare_to_backprop(
     model: Model,
     x: Float[Array, "batch d_in"],
@@ -269,6 +275,9 @@ def compare_to_backprop(
     stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
         rtol=1e-3, atol=1e-3
     ),
+    max_steps: int | None = None,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> BackpropComparison:
     r"""Cosine similarity to the backprop gradient of PC, FA, KP, WP and NP updates.
 
@@ -303,7 +312,8 @@ def compare_to_backprop(
     - `sigma`, `n_samples`: perturbation options.
     - `output_energy_scaling`: output precision of the PC energy.
     - `activity_optim`, `n_inference_steps`, `ode_solver`, `max_t1`, `dt`,
-        `stepsize_controller`: PC inference options (as for [`jpc.make_pc_step`][]).
+        `stepsize_controller`, `max_steps`, `steady_state_rtol`,
+        `steady_state_atol`: PC inference options (as for [`jpc.make_pc_step`][]).
 
     **Returns:**
 
@@ -318,6 +328,9 @@ def compare_to_backprop(
     noise = dict(sigma=sigma, n_samples=n_samples, **rule)
     ode = (ode_solver, max_t1, dt, stepsize_controller, None)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    stop = stop_options(
+        "compare_to_backprop", max_steps, steady_state_rtol, steady_state_atol
+    )
     pc_ffwd, pc_eq = _pc_grads(
         model,
         x,
@@ -325,7 +338,7 @@ def compare_to_backprop(
         loss_id,
         skip_model,
         param_type,
-        (ode, discrete),
+        (ode, discrete, stop),
         output_energy_scaling,
     )
     updates = dict(

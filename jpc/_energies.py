@@ -20,7 +20,7 @@ from ._layers import (
     layer_predictions,
     predict,
     skip_at,
-    weight_leaves,
+    weight_matrices,
 )
 from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
 from ._utils import LOSS_FNS
@@ -40,14 +40,18 @@ def regulariser(
     r"""$\frac{\lambda_w}{2}\sum\lVert W\rVert^2 + \frac{\lambda_s}{2}\sum\lVert W^\top
     W - I\rVert^2 + \frac{\lambda_z}{2}\sum_l \mathrm{mean}_i\lVert z_{l,i}\rVert^2$.
 
-    The sums run over the weight *matrices* (every `weight` array with at least two
-    axes, at any depth; conv kernels are read as `(out, rest)` matrices): a
-    one-axis `weight`, such as the gain of `eqx.nn.LayerNorm`, is not a matrix and,
-    like a bias, is left out. Terms whose coefficient is a literal `0` are left out
-    of the program.
+    The sums run over the weights: every floating array leaf of `model` with at
+    least two axes, at any depth and whatever its attribute is called (`weight`,
+    `weight_ih`, `W1`, ...). Vectors, such as biases and the gains of
+    `eqx.nn.LayerNorm`, are not weights and are left out, nor are biases stored
+    with broadcasting axes (attributes named `bias…`, e.g. the `(out, 1, 1)`
+    bias of `eqx.nn.Conv2d`). A kernel with more than
+    two axes (e.g. a convolution's `(out, in, k, k)`) is read as the
+    `(out, in·k·k)` matrix $W$, so $W^\top W$ is `(in·k·k, in·k·k)`. Terms whose
+    coefficient is a literal `0` are left out of the program.
     """
     total = 0.0
-    weights = [w for w in weight_leaves(model) if w.ndim >= 2]
+    weights = weight_matrices(model)
     if not _is_zero(weight_decay):
         total += 0.5 * weight_decay * sum(jnp.sum(w**2) for w in weights)
     if not _is_zero(spectral_penalty):
@@ -190,8 +194,10 @@ def pc_energy_fn(
     - `param_type`: `"sp"`, `"mupc"` or `"ntp"` (see [`jpc.get_param_scalings`][]).
     - `weight_decay`, `spectral_penalty`: coefficients of
         $\frac{1}{2}\sum\lVert W\rVert^2$ and $\frac{1}{2}\sum\lVert W^\top W -
-        I\rVert^2$ over every weight matrix in `model` (each `weight` array with at
-        least two axes), however deeply nested; biases and one-axis gains excluded.
+        I\rVert^2$ over every weight in `model`: each floating array with at least
+        two axes, however deeply nested and whatever it is called (a kernel with
+        more axes is read as an `(out, rest)` matrix); vectors such as biases and
+        LayerNorm gains, and `bias…` attributes of any shape, are not weights.
     - `activity_decay`: coefficient of $\frac{1}{2}\sum_l \mathrm{mean}_i
         \lVert z_{l,i}\rVert^2$ over the free activities.
     - `record_layers`: return the per-layer energies instead of their sum.

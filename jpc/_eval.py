@@ -14,7 +14,14 @@ from ._checks import (
     traced_floats,
 )
 from ._energies import check_energy_inputs, layer_energies
-from ._infer import solve
+from ._infer import (
+    DEFAULT_STEADY_STATE_ATOL,
+    DEFAULT_STEADY_STATE_RTOL,
+    STOP_FLOATS,
+    like_data,
+    solve,
+    stop_options,
+)
 from ._init import init_activities_from_normal
 from ._layers import check_output, feedforward, get_param_scalings
 from ._types import (
@@ -130,7 +137,9 @@ def test_discriminative_pc(
     return LOSS_FNS[loss](preds, output), compute_accuracy(output, preds)
 
 
-@traced_floats("sigma", "weight_decay", "spectral_penalty", "activity_decay")
+@traced_floats(
+    "sigma", "weight_decay", "spectral_penalty", "activity_decay", *STOP_FLOATS
+)
 def test_generative_pc(
     model: Model,
     output: Float[Array, "batch ..."],
@@ -152,6 +161,9 @@ def test_generative_pc(
     weight_decay: Scalar = 0.0,
     spectral_penalty: Scalar = 0.0,
     activity_decay: Scalar = 0.0,
+    max_steps: int | None = None,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> tuple[Float[Array, ""], Float[Array, "batch ..."]]:
     """Evaluate a generative network (label → data) by inferring its input.
 
@@ -166,6 +178,8 @@ def test_generative_pc(
     - `key`, `layer_sizes`, `batch_size`, `sigma`: random initialisation.
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: inference ODE options.
     - `weight_decay`, `spectral_penalty`, `activity_decay`: energy options.
+    - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
+        and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
 
     **Returns:**
 
@@ -174,9 +188,6 @@ def test_generative_pc(
     """
     check_batch(output, input, [], y_name="output", x_name="input")
     check_random_init(model, output, layer_sizes, batch_size)
-    activities = init_activities_from_normal(
-        key, layer_sizes, "unsupervised", batch_size, sigma
-    )
     args = (
         (model, skip_model),
         output,
@@ -187,10 +198,30 @@ def test_generative_pc(
         spectral_penalty,
         activity_decay,
     )
-    equilibrium = solve(args, activities, ode_solver, max_t1, dt, stepsize_controller)
-    input_acc = compute_accuracy(input, equilibrium[0][-1])
+    ode = (ode_solver, max_t1, dt, stepsize_controller)
+    stop = stop_options(
+        "test_generative_pc", max_steps, steady_state_rtol, steady_state_atol
+    )
+    input_acc = generative_accuracy(
+        args, input, (key, layer_sizes, batch_size, sigma), ode, stop
+    )
     output_preds = _feedforward_prediction(model, input, skip_model, param_type)
     return input_acc, output_preds
+
+
+def generative_accuracy(args, labels, random, ode, stop) -> Array:
+    """Accuracy of $z_0$ inferred from random activities (not jitted).
+
+    `random` is `(key, layer_sizes, batch_size, sigma)`, `ode` is
+    `(solver, max_t1, dt, controller)` and `stop` the keyword options of `solve`.
+    """
+    key, layer_sizes, batch_size, sigma = random
+    activities = init_activities_from_normal(
+        key, layer_sizes, "unsupervised", batch_size, sigma
+    )
+    activities = like_data(activities, args[1])
+    equilibrium = solve(args, activities, *ode, **stop)
+    return compute_accuracy(labels, equilibrium[0][-1])
 
 
 test_discriminative_pc.__test__ = False  # type: ignore[attr-defined]

@@ -4,7 +4,9 @@ import math
 from typing import Any
 
 import diffrax as dfx
+import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 from ._checks import traced_floats
@@ -18,7 +20,11 @@ from ._jit import error_if
 from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
 
 
-_DEFAULT_TOL = 1e-3
+# `None`: the step-size controller's `rtol`/`atol`, or `_FALLBACK_TOL` without them.
+DEFAULT_STEADY_STATE_RTOL = None
+DEFAULT_STEADY_STATE_ATOL = None
+_FALLBACK_TOL = 1e-3
+STOP_FLOATS = ("steady_state_rtol", "steady_state_atol")
 _DEFAULT_MAX_STEPS = 4096
 _DEFAULT_RECORD_STEPS = 1024
 
@@ -29,27 +35,104 @@ def _rms(arrays: list) -> Array:
     return jnp.sqrt(total / count)
 
 
-def steady_state_event(stepsize_controller: Any) -> dfx.Event:
-    r"""Stop when $\mathrm{rms}(B\,\partial\mathcal{F}/\partial z) < a + r\,
-    \mathrm{rms}(z)$ over the free activities.
+def _rms_per_example(a: Array) -> Array:
+    return jnp.sqrt(jnp.mean(jnp.reshape(a, (a.shape[0], -1)) ** 2, axis=1))
 
-    `r` and `a` are the controller's `rtol` and `atol` (1e-3 if it has none). The
-    test is on the vector field, not the state, so it fires once inference has
-    converged (the JPC library's event never fired, SPEC §11.1). The field is
-    taken per example: $\mathcal{F}$ is a batch mean, so $\partial\mathcal{F}/
-    \partial z$ carries a factor $1/B$, and without undoing it a batch of 64 would
-    look converged at $t = 0$ while each example's error is still large.
+
+def steady_state_ratio(field: list, free: list, rtol: Any, atol: Any) -> Array:
+    r"""$\max_{l,i} B\,\mathrm{rms}(f_{l,i}) / (a + r\,\mathrm{rms}(z_{l,i}))$.
+
+    `field` is $-\partial\mathcal{F}/\partial z$ of the free activities `free`;
+    the maximum runs over the layers $l$ and the examples $i$, so the solve is
+    steady only when every example's every layer is. $B$ undoes the $1/B$ of the
+    batch-mean energy (each example's own field).
     """
-    rtol = getattr(stepsize_controller, "rtol", _DEFAULT_TOL)
-    atol = getattr(stepsize_controller, "atol", _DEFAULT_TOL)
+    batch_size = free[0].shape[0]
+    ratios = [
+        batch_size * _rms_per_example(f) / (atol + rtol * _rms_per_example(z))
+        for f, z in zip(field, free)
+    ]
+    return jnp.max(jnp.stack([jnp.max(r) for r in ratios]))
+
+
+def _per_example(values: Array, like: Array) -> Array:
+    """`values` of shape `(batch,)` broadcast against `like` `(batch, ...)`."""
+    return jnp.reshape(values, (-1,) + (1,) * (like.ndim - 1))
+
+
+def polished_ratio(y: list, field: list, args: tuple, rtol: Any, atol: Any) -> Array:
+    r"""The stop's ratio after one exact line-search step along the field.
+
+    Per example, $s_i = \lVert f_i\rVert^2 / f_i^\top H_i f_i$ minimises the
+    local quadratic model of $\mathcal{F}_i$ along its field $f_i$ (one
+    Hessian-vector product); at $\tilde z = z + s f$ the ratio is the larger of
+    the field's (as in `steady_state_ratio`) and the step's,
+    $\mathrm{rms}(s_i f_{l,i}) / (a + r\,\mathrm{rms}(z_{l,i}))$. When the
+    step size sits at the solver's stability limit, the stiffest mode stops
+    decaying and keeps the field above the tolerance although the state is within
+    it of the equilibrium; that step removes the mode and the step's own length
+    bounds how far $z$ is from $\tilde z$.
+    """
+    batch_size = y[0].shape[0]
+    direction = [batch_size * f for f in field]
+
+    def neg_grad(z):
+        return neg_pc_activity_grad(None, z, args)
+
+    _, neg_hvp = jax.jvp(neg_grad, (list(y),), (direction,))
+    sq = sum(jnp.sum(jnp.reshape(d**2, (batch_size, -1)), axis=1) for d in direction)
+    curv = -batch_size * sum(
+        jnp.sum(jnp.reshape(d * h, (batch_size, -1)), axis=1)
+        for d, h in zip(direction, neg_hvp)
+    )
+    step = jnp.where(curv > 0, sq / jnp.where(curv > 0, curv, 1), 0)
+    moves = [_per_example(step, d) * d for d in direction]
+    polished = [z + m for z, m in zip(y, moves)]
+    new_field = neg_grad(polished)[:-1]
+    free = list(y[:-1])
+    moved = [m / batch_size for m in moves[:-1]]  # `steady_state_ratio` times by B
+    return jnp.maximum(
+        steady_state_ratio(new_field, free, rtol, atol),
+        steady_state_ratio(moved, free, rtol, atol),
+    )
+
+
+_POLISH_BELOW = 1e3  # the line-search check runs only when the plain ratio is below
+
+
+def steady_state_event(
+    rtol: Any = DEFAULT_STEADY_STATE_RTOL, atol: Any = DEFAULT_STEADY_STATE_ATOL
+) -> dfx.Event:
+    r"""Stop once every example's every layer is steady.
+
+    Fires when $B\,\mathrm{rms}(\partial\mathcal{F}/\partial z_{l,i}) \le a +
+    r\,\mathrm{rms}(z_{l,i})$ for every free layer $l$ and example $i$, with the
+    stop's own tolerances `rtol`, `atol` (not the step-size controller's), or
+    when the same holds one exact line-search step further, with that step's
+    length also within the tolerance (see `polished_ratio`), which a solver stuck
+    at its stability limit reaches. The test is on the vector field, not the
+    state (the JPC library's event tested the state and never fired), and per
+    example and layer, so that large activities in one example or layer do not
+    loosen it for the others. (A step-size controller passed as `rtol`, the old
+    form of the call, gives its own tolerances, as the default does.)
+    """
+    if isinstance(rtol, dfx.AbstractStepSizeController):
+        rtol, atol = _stop_tolerances(None, None, rtol)
+    rtol = _FALLBACK_TOL if rtol is None else rtol
+    atol = _FALLBACK_TOL if atol is None else atol
 
     def cond_fn(t, y, args, **kwargs):
         free = list(y[:-1])
         if not free:
             return jnp.array(True)
-        field = neg_pc_activity_grad(t, y, args)[:-1]
-        batch_size = free[0].shape[0]
-        return batch_size * _rms(field) < atol + rtol * _rms(free)
+        y = list(y)
+        field = neg_pc_activity_grad(t, y, args)
+        ratio = steady_state_ratio(field[:-1], free, rtol, atol)
+        return jax.lax.cond(
+            (ratio > 1) & (ratio < _POLISH_BELOW),
+            lambda: polished_ratio(y, field, args, rtol, atol) <= 1,
+            lambda: ratio <= 1,
+        )
 
     return dfx.Event(cond_fn)
 
@@ -82,6 +165,112 @@ def _check_solve_options(dt, controller, max_t1) -> None:
         raise ValueError(f"`max_t1` must be positive, got {max_t1!r}.")
 
 
+def _state_dtype(activities) -> Any:
+    """The floating dtype of the activities: the ODE's time variables follow it."""
+    dtypes = [jnp.result_type(a) for a in activities]
+    floating = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
+    return jnp.result_type(*floating) if floating else jnp.result_type(float)
+
+
+def _as_dtype(saveat: dfx.SaveAt, dtype) -> dfx.SaveAt:
+    """`saveat` with its save times cast to `dtype` (diffrax promotes to them)."""
+
+    def cast(leaf):
+        if isinstance(leaf, (np.ndarray, jax.Array)) and jnp.issubdtype(
+            leaf.dtype, jnp.floating
+        ):
+            return jnp.asarray(leaf, dtype)
+        return leaf
+
+    return jtu.tree_map(cast, saveat)
+
+
+def like_data(activities: list, data) -> list:
+    """Random activities in the floating dtype of `data` (the user's dtype)."""
+    dtype = jnp.result_type(data)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return list(activities)
+    return [jnp.asarray(a, dtype) for a in activities]
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_finite_inputs(activities, y, x, names, caller: str) -> list:
+    """Runtime check that the clamps and the initial activities are finite.
+
+    Returns `activities` (through [`error_if`][], so the check stays in the
+    program); each message names the caller's argument.
+    """
+    _, y_name, x_name = names
+    activities = list(activities)
+    for value, what in ((y, f"`{y_name}`"), (x, f"`{x_name}`")):
+        if value is not None:
+            activities = error_if(
+                activities,
+                ~_all_finite(value),
+                f"{caller}: {what} contains NaN or inf; inference needs finite inputs.",
+            )
+    return error_if(
+        activities,
+        ~_all_finite(activities),
+        f"{caller}: the initial activities contain NaN or inf (check `activities`, "
+        "or the model's parameters when they are computed by a feedforward pass).",
+    )
+
+
+def _final_state(ys: list) -> list:
+    """The last row of a trajectory whose rows after the final state are `inf`."""
+    first = jnp.reshape(ys[0], (ys[0].shape[0], -1))
+    last = jnp.maximum(jnp.sum(~jnp.all(jnp.isinf(first), axis=1)) - 1, 0)
+    return [y[last] for y in ys]
+
+
+def check_solution(sol, args, n_steps: int, max_t1, caller: str) -> list:
+    """`sol.ys`, with runtime errors for a non-finite state or an exhausted budget."""
+    ran_out = sol.result == dfx.RESULTS.max_steps_reached
+    final = _final_state(sol.ys)
+    nan_seen = ~_all_finite([jnp.where(jnp.isinf(y), 0, y) for y in sol.ys])
+    # An adaptive controller rejects non-finite steps and stalls until the budget
+    # runs out: look at the field where it stalled.
+    stalled_at_inf = jax.lax.cond(
+        ran_out,
+        lambda: ~_all_finite(neg_pc_activity_grad(None, final, args)),
+        lambda: jnp.array(False),
+    )
+    non_finite = nan_seen | stalled_at_inf | ~_all_finite(final)
+    ys = error_if(
+        sol.ys,
+        non_finite,
+        f"{caller}: the activities became non-finite (NaN or inf) during "
+        "inference: the dynamics diverged. Use a smaller `dt` or a tighter "
+        "`stepsize_controller`, or check the model, its scale and the energy "
+        "options.",
+    )
+    ys = error_if(
+        ys,
+        ran_out & ~non_finite,
+        f"{caller}: the ODE solver took max_steps={n_steps} steps before "
+        f"t={max_t1} without reaching a steady state (if its steps were all "
+        "rejected, the dynamics may be diverging); pass a larger `max_steps`, "
+        "a smaller `max_t1`, looser `steady_state_rtol`/`steady_state_atol` or a "
+        "looser `stepsize_controller`.",
+    )
+    failed = (
+        (sol.result != dfx.RESULTS.successful)
+        & (sol.result != dfx.RESULTS.event_occurred)
+        & ~ran_out
+        & ~non_finite
+    )
+    return error_if(
+        ys,
+        failed,
+        f"{caller}: the ODE solver failed (a step size that became too small).",
+    )
+
+
 def solve(
     args: tuple,
     activities,
@@ -94,11 +283,16 @@ def solve(
     record_every=None,
     max_steps=None,
     names=("loss_id", "output", "input"),
+    steady_state_rtol=None,
+    steady_state_atol=None,
+    caller: str = "solve_inference",
 ) -> list[Array]:
     """Integrate the vector field `neg_pc_activity_grad` with `args` (not jitted).
 
     `names` are the caller's names of the loss option and the clamps `y`, `x`,
-    used in error messages.
+    and `caller` the name of the public function, used in error messages.
+    The ODE's times are in the activities' dtype, so float32 activities stay
+    float32 with `jax_enable_x64` on.
     """
     kwargs = unpack_vector_field_args(args)
     check_energy_inputs(
@@ -111,40 +305,75 @@ def solve(
         names,
     )
     _check_solve_options(dt, controller, max_t1)
+    check_max_steps(max_steps)
     n_steps = _max_steps(max_steps, max_t1, dt, controller, record_iters)
+    rtol, atol = _stop_tolerances(steady_state_rtol, steady_state_atol, controller)
+    dtype = _state_dtype(activities)
+    y0 = check_finite_inputs(activities, kwargs["y"], kwargs["x"], names, caller)
+    y0 = check_stop_signs(y0, rtol, atol, caller)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(neg_pc_activity_grad),
         solver,
-        t0=0.0,
-        t1=max_t1,
-        dt0=dt,
-        y0=list(activities),
+        t0=jnp.zeros((), dtype),
+        t1=jnp.asarray(max_t1, dtype),
+        dt0=None if dt is None else jnp.asarray(dt, dtype),
+        y0=y0,
         args=args,
-        saveat=_saveat(max_t1, record_iters, record_every),
+        saveat=_as_dtype(_saveat(max_t1, record_iters, record_every), dtype),
         stepsize_controller=controller,
-        event=steady_state_event(controller),
+        event=steady_state_event(rtol, atol),
         max_steps=n_steps,
         throw=False,
     )
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device (SPEC §9).
-    ys = error_if(
-        sol.ys,
-        sol.result == dfx.RESULTS.max_steps_reached,
-        f"solve_inference: the ODE solver took max_steps={n_steps} steps before "
-        f"t={max_t1} without reaching a steady state; pass a larger `max_steps`, a "
-        "smaller `max_t1` or a looser `stepsize_controller`.",
+    return check_solution(sol, args, n_steps, max_t1, caller)
+
+
+def stop_options(caller: str, max_steps, rtol, atol) -> dict:
+    """Keyword options of `solve` for the public function `caller`."""
+    return dict(
+        max_steps=max_steps,
+        steady_state_rtol=rtol,
+        steady_state_atol=atol,
+        caller=caller,
     )
-    failed = (
-        (sol.result != dfx.RESULTS.successful)
-        & (sol.result != dfx.RESULTS.event_occurred)
-        & (sol.result != dfx.RESULTS.max_steps_reached)
-    )
+
+
+def check_max_steps(max_steps) -> None:
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise ValueError(
+            f"`max_steps` must be a positive integer or None, got {max_steps!r}."
+        )
+
+
+def _stop_tolerances(rtol, atol, controller) -> tuple[Any, Any]:
+    """The stop's tolerances; `None` takes the controller's (1e-3 without)."""
+    if rtol is None:
+        rtol = getattr(controller, "rtol", _FALLBACK_TOL)
+    if atol is None:
+        atol = getattr(controller, "atol", _FALLBACK_TOL)
+    if _is_zero(rtol) and _is_zero(atol):
+        raise ValueError(
+            "`steady_state_rtol` and `steady_state_atol` cannot both be 0 (the "
+            "stop would never fire)."
+        )
+    return rtol, atol
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, (int, float)) and value == 0
+
+
+def check_stop_signs(activities: list, rtol, atol, caller: str) -> list:
+    """Runtime check (the tolerances are traced) that both are non-negative."""
+    negative = (jnp.asarray(rtol) < 0) | (jnp.asarray(atol) < 0)
     return error_if(
-        ys,
-        failed,
-        "solve_inference: the ODE solver failed (non-finite activities "
-        "or a step size that became too small).",
+        activities,
+        negative,
+        f"{caller}: `steady_state_rtol` and `steady_state_atol` must be non-negative.",
     )
 
 
@@ -154,6 +383,7 @@ def solve(
     "activity_decay",
     "gamma",
     "output_energy_scaling",
+    *STOP_FLOATS,
 )
 def solve_inference(
     params: Params,
@@ -177,15 +407,22 @@ def solve_inference(
     record_iters: bool = False,
     record_every: float | None = None,
     max_steps: int | None = None,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> list[Float[Array, "time batch ..."]]:
     r"""Run inference $\dot z = -\partial\mathcal{F}/\partial z$ with a diffrax solver.
 
-    Integrates from $t=0$ to `max_t1`, stopping early at a steady state:
-    $\mathrm{rms}(B\,\partial\mathcal{F}/\partial z) < \texttt{atol} +
-    \texttt{rtol} \cdot \mathrm{rms}(z)$ over the free activities, with the
-    controller's tolerances (1e-3 if it has none). The field is taken per example
-    (times the batch size $B$, undoing the $1/B$ of the batch-mean energy), so the
-    stop does not depend on the batch size.
+    Integrates from $t=0$ to `max_t1`, stopping early once every example's every
+    layer is steady: $B\,\mathrm{rms}(\partial\mathcal{F}/\partial z_{l,i}) \le
+    a + r\,\mathrm{rms}(z_{l,i})$ for every free layer $l$ and example $i$, with
+    the stop's own tolerances $r$ = `steady_state_rtol`, $a$ = `steady_state_atol`
+    (not the controller's). The factor $B$ undoes the $1/B$ of the batch-mean
+    energy, so the stop does not depend on the batch size. When an adaptive step
+    sits at the solver's stability limit, the stiffest mode stops decaying and
+    keeps the field above the threshold although the state has converged; so the
+    stop also fires when the test holds one exact line-search step further along
+    the field and that step is itself within the tolerance (see the advanced-usage
+    page). The ODE's time variables are in the activities' dtype.
 
     **Arguments:**
 
@@ -206,6 +443,12 @@ def solve_inference(
     - `max_steps`: solver step budget; by default `ceil(max_t1 / dt) + 1` for a
         constant step, else 4096 (1024 when `record_iters`, which stores every
         step).
+    - `steady_state_rtol`, `steady_state_atol`: tolerances of the steady-state
+        stop (traced). `None` (default) takes the step-size controller's `rtol` and
+        `atol` (`1e-3` for a controller without, such as
+        `diffrax.ConstantStepSize`), so a tighter controller gives a tighter stop
+        as before. The activities end within about this tolerance of the
+        equilibrium; keep them no tighter than the controller's.
 
     **Returns:**
 
@@ -215,8 +458,11 @@ def solve_inference(
 
     **Raises:**
 
-    `ValueError` for bad options or inputs (see [`jpc.pc_energy_fn`][]); a
-    runtime error naming `max_steps` if the budget runs out before `max_t1`.
+    `ValueError` for bad options or inputs (see [`jpc.pc_energy_fn`][]), a
+    `max_steps` that is not a positive integer, or both stop tolerances `0`. At
+    run time (`equinox.EquinoxRuntimeError`): NaN or inf in `output`, `input` or
+    `activities`; activities that become non-finite during the solve; negative
+    stop tolerances; or `max_steps` running out before `max_t1`.
     """
     args = vector_field_args(
         params,
@@ -240,4 +486,6 @@ def solve_inference(
         record_iters=record_iters,
         record_every=record_every,
         max_steps=max_steps,
+        steady_state_rtol=steady_state_rtol,
+        steady_state_atol=steady_state_atol,
     )

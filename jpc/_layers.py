@@ -27,11 +27,34 @@ def weight_leaves(tree: Any) -> list[Array]:
     return leaves
 
 
+def is_weight_matrix(path: tuple, leaf: Any) -> bool:
+    """The package's rule for what a weight is: a floating array with >= 2 axes.
+
+    Every matrix or kernel is a weight, whatever its attribute is called
+    (`weight`, `weight_ih` and `weight_hh` of a GRU cell, `W1` of a custom
+    module, ...). Vectors (biases, the gains of `eqx.nn.LayerNorm`) and scalars
+    are not, nor is a bias stored with broadcasting axes (an attribute whose name
+    starts with `bias`, such as the `(out, 1, 1)` bias of `eqx.nn.Conv2d`).
+    """
+    key = path[-1] if path else None
+    if isinstance(key, jtu.GetAttrKey) and key.name.startswith("bias"):
+        return False
+    return (
+        isinstance(leaf, (jax.Array, np.ndarray))
+        and jnp.issubdtype(leaf.dtype, jnp.floating)
+        and leaf.ndim >= 2
+    )
+
+
+def weight_matrices(tree: Any) -> list[Array]:
+    """Every weight of `tree` (see `is_weight_matrix`), at any depth."""
+    leaves = jtu.tree_flatten_with_path(tree)[0]
+    return [leaf for path, leaf in leaves if is_weight_matrix(path, leaf)]
+
+
 def _matrix(layer: Layer) -> Array | None:
-    for weight in weight_leaves(layer):
-        if weight.ndim >= 2:
-            return weight
-    return None
+    weights = weight_matrices(layer)
+    return weights[0] if weights else None
 
 
 def _fan_in(layer: Layer, name: str) -> int:

@@ -22,6 +22,7 @@ from ._checks import LOSSES, check_batch, check_model, check_option, traced_floa
 from ._layers import (
     feedforward,
     get_param_scalings,
+    is_weight_matrix,
     skip_at,
 )
 from ._types import Array, Float, LossId, Model, ParamType, PyTree, Scalar, SkipModel
@@ -241,18 +242,14 @@ def compute_fa_param_grads(
     return eqx.filter_grad(loss)(model)
 
 
-def _is_weight(path) -> bool:
-    key = path[-1] if path else None
-    return isinstance(key, jtu.GetAttrKey) and key.name == "weight"
-
-
 def add_weight_decay(grads: PyTree, model: Model, weight_decay: Any) -> PyTree:
-    """`grads + weight_decay * W` on every `weight` leaf; other leaves unchanged."""
+    """`grads + weight_decay * W` on every weight (floating array with >= 2 axes,
+    see `is_weight_matrix`); other leaves, such as biases, unchanged."""
     if isinstance(weight_decay, (int, float)) and weight_decay == 0:
         return grads
     params = eqx.filter(model, eqx.is_array)
     return jtu.tree_map_with_path(
-        lambda path, g, p: g + weight_decay * p if _is_weight(path) else g,
+        lambda path, g, p: g + weight_decay * p if is_weight_matrix(path, p) else g,
         grads,
         params,
     )

@@ -15,7 +15,7 @@ import jax.tree_util as jtu
 import optax
 
 from ._checks import check_batch, check_model, traced_floats
-from ._layers import get_param_scalings, weight_leaves
+from ._layers import get_param_scalings, weight_matrices
 from ._types import Array, Float, Model, Params, ParamType, PyTree, Scalar
 from ._utils import _ACT_FNS
 
@@ -55,7 +55,7 @@ def linear_weights(model: Model) -> list[Array]:
     check_model(model)
     weights = []
     for i, layer in enumerate(model):
-        found = weight_leaves(layer)
+        found = weight_matrices(layer)
         if len(found) != 1 or found[0].ndim != 2:
             shapes = [tuple(w.shape) for w in found]
             raise ValueError(

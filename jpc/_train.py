@@ -18,7 +18,14 @@ from ._checks import (
 from ._energies import check_energy_inputs
 from ._eval import infer_energies
 from ._grads import vector_field_args
-from ._infer import solve
+from ._infer import (
+    DEFAULT_STEADY_STATE_ATOL,
+    DEFAULT_STEADY_STATE_RTOL,
+    STOP_FLOATS,
+    like_data,
+    solve,
+    stop_options,
+)
 from ._init import init_activities_from_normal
 from ._jit import deferred_checks, error_if, lean_jit
 from ._layers import check_output, feedforward, get_param_scalings
@@ -105,14 +112,18 @@ def initial_activities(model, skip_model, output, input, param_type, gamma, rand
     activities = init_activities_from_normal(
         key, layer_sizes, "unsupervised", batch_size, sigma
     )
-    return activities, None
+    return like_data(activities, output), None
 
 
-def infer(params, activities, output, input, ode, discrete, record, energy_kwargs):
+def infer(
+    params, activities, output, input, ode, discrete, record, energy_kwargs, stop=None
+):
     """Inference on either path; returns `(trajectory, final, t_max)`.
 
     `ode` is `(solver, max_t1, dt, controller, record_every)`; `discrete` is
-    `(optim, n_steps)` or `None`. The trajectory has a leading time axis.
+    `(optim, n_steps)` or `None`; `stop` holds keyword options of `solve` (the
+    steady-state tolerances, `max_steps` and the caller's name). The trajectory has
+    a leading time axis.
     """
     if discrete is not None:
         optim, n_steps = discrete
@@ -133,6 +144,7 @@ def infer(params, activities, output, input, ode, discrete, record, energy_kwarg
         controller,
         record_iters=record and record_every is None,
         record_every=record_every if record else None,
+        **(stop or {}),
     )
     if not record:
         return trajectory, [z[-1] for z in trajectory], None
@@ -145,7 +157,7 @@ def _norms(requested: bool, tree) -> list | None:
     return compute_param_norms(tree) if requested and tree is not None else None
 
 
-@traced_floats(*ENERGY_FLOATS, "sigma", "beta")
+@traced_floats(*ENERGY_FLOATS, "sigma", "beta", *STOP_FLOATS)
 @deferred_checks  # a failed check is raised at the next call by default
 def make_pc_step(
     model: Model,
@@ -183,6 +195,9 @@ def make_pc_step(
     output_energy_scaling: Scalar | None = None,
     nudging: Literal["positive", "negative", "centred"] | None = None,
     beta: Scalar = 0.1,
+    max_steps: int | None = None,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> PCStepResult:
     """One predictive-coding training step: inference, then a parameter update.
 
@@ -205,6 +220,8 @@ def make_pc_step(
         [`jpc.pc_energy_fn`][]). Floats are traced: new values do not recompile.
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`, `record_every`: ODE
         inference options (see [`jpc.solve_inference`][]).
+    - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
+        and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
     - `activity_optim`, `n_inference_steps`: discrete inference instead.
     - `nudging`, `beta`: weight the output energy by ±β instead of 1 and scale the
         parameter gradient g at the inferred state back: `"positive"` g(β)/β,
@@ -225,9 +242,10 @@ def make_pc_step(
     **Raises:**
 
     `ValueError` for bad options or inputs; `eqx.EquinoxRuntimeError` if the
-    energy at the inferred state is not finite (or the ODE solve failed): by
-    default at the *next* call, so that calls never wait for their step to
-    finish; see [`jpc.set_step_error_timing`][].
+    energy at the inferred state is not finite, and, on the ODE path, the runtime
+    errors of [`jpc.solve_inference`][] (non-finite inputs or state, `max_steps`
+    run out), naming this function: by default at the *next* call, so that calls
+    never wait for their step to finish; see [`jpc.set_step_error_timing`][].
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
@@ -258,9 +276,18 @@ def make_pc_step(
     record = record_activities or record_energies
     ode = (ode_solver, max_t1, dt, stepsize_controller, record_every)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    stop = stop_options("make_pc_step", max_steps, steady_state_rtol, steady_state_atol)
     if nudging is None:
         trajectory, final, t_max = infer(
-            params, activities, output, input, ode, discrete, record, energy_kwargs
+            params,
+            activities,
+            output,
+            input,
+            ode,
+            discrete,
+            record,
+            energy_kwargs,
+            stop,
         )
         energy, new_model, new_skip, grads, opt_state = param_step(
             params, final, optim, opt_state, output, input, **energy_kwargs
@@ -268,7 +295,7 @@ def make_pc_step(
     else:
         first_phase, *update = nudged_param_step(
             lambda kw: infer(
-                params, activities, output, input, ode, discrete, record, kw
+                params, activities, output, input, ode, discrete, record, kw, stop
             ),
             params,
             optim,

@@ -7,6 +7,7 @@ import jax.random as jr
 import numpy as np
 import pytest
 from helpers import (
+    assert_trees_close,
     mlp_weights,
     random_problem,
     ref_energy,
@@ -358,3 +359,121 @@ def test_energy_float32_matches_float64_reference(key):
     gref = jax.grad(lambda a: p.ref(a))(list(p.activities))
     for a, b in zip(g[:-1], gref[:-1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _TwoMatrices(eqx.Module):
+    """A custom module whose weights are not called `weight`."""
+
+    W1: jax.Array
+    W2: jax.Array
+    b: jax.Array
+
+    def __call__(self, z):
+        return self.W2 @ jnp.tanh(self.W1 @ z) + self.b
+
+
+class _Holder(eqx.Module):
+    """A PC layer that carries `extra` (regularised, unused by the forward pass)."""
+
+    linear: eqx.nn.Linear
+    extra: object
+
+    def __call__(self, z):
+        return self.linear(z)
+
+
+def _penalty(weights, weight_decay, spectral_penalty):
+    """Hand-written ½λ_w Σ‖W‖² + ½λ_s Σ‖WᵀW − I‖², kernels as (out, rest)."""
+    total = 0.0
+    for w in weights:
+        m = w.reshape(w.shape[0], -1)
+        total += 0.5 * weight_decay * jnp.sum(m**2)
+        gram = m.T @ m - jnp.eye(m.shape[1])
+        total += 0.5 * spectral_penalty * jnp.sum(gram**2)
+    return total
+
+
+def _modules(key):
+    """(module, function listing the weights a hand-written penalty covers)."""
+    k = jr.split(key, 8)
+    return {
+        "make_mlp": (
+            jpc.make_mlp(k[0], 3, 4, 2, 2, "tanh", use_bias=True),
+            lambda m: [blk.layers[1].weight for blk in m],
+        ),
+        "nested_sequential": (
+            _nested_model(k[1])[0],
+            lambda m: [
+                m[0].layers[0].weight,
+                m[0].layers[2].weight,
+                m[1].layers[1].layers[0].weight,
+                m[1].layers[2].weight,
+            ],
+        ),
+        "eqx_mlp": (
+            eqx.nn.MLP(3, 2, 4, 2, key=k[2]),
+            lambda m: [layer.weight for layer in m.layers],
+        ),
+        "conv2d": (
+            eqx.nn.Conv2d(2, 3, 3, key=k[3]),
+            lambda m: [m.weight],
+        ),
+        "gru_cell": (
+            eqx.nn.GRUCell(3, 4, key=k[4]),
+            lambda m: [m.weight_ih, m.weight_hh],
+        ),
+        "multihead_attention": (
+            eqx.nn.MultiheadAttention(2, 4, key=k[5]),
+            lambda m: [
+                m.query_proj.weight,
+                m.key_proj.weight,
+                m.value_proj.weight,
+                m.output_proj.weight,
+            ],
+        ),
+        "layer_norm": (
+            eqx.tree_at(
+                lambda n: (n.weight, n.bias),
+                eqx.nn.LayerNorm(4),
+                (jnp.array([0.5, 2.0, -1.0, 3.0]), jnp.array([0.1, 0.2, 0.3, 0.4])),
+            ),
+            lambda m: [],
+        ),
+        "custom_w1_w2": (
+            _TwoMatrices(jr.normal(k[6], (5, 4)), jr.normal(k[7], (3, 5)), jnp.ones(3)),
+            lambda m: [m.W1, m.W2],
+        ),
+    }
+
+
+@pytest.mark.parametrize("reg", [(0.3, 0.0), (0.0, 0.2), (0.3, 0.2)])
+@pytest.mark.parametrize("name", list(_modules(jr.PRNGKey(0))))
+def test_regulariser_gradient_reaches_every_weight(key, name, reg):
+    """Every floating array with >= 2 axes is a weight, whatever it is called;
+    vectors (biases, LayerNorm gains) are not. The parameter gradient added by
+    `weight_decay` / `spectral_penalty` equals `jax.grad` of the hand-written
+    penalty over the listed weights (conv kernels read as (out, in·k·k))."""
+    weight_decay, spectral_penalty = reg
+    module, listed = _modules(key)[name]
+    k1, k2 = jr.split(jr.PRNGKey(5))
+    model = [
+        _Holder(eqx.nn.Linear(3, 4, key=k1), module),
+        eqx.nn.Linear(4, 2, key=k2),
+    ]
+    x = jr.normal(jr.PRNGKey(1), (3, 3))
+    y = jr.normal(jr.PRNGKey(2), (3, 2))
+    acts = [jr.normal(jr.PRNGKey(3), (3, 4)), jnp.zeros((3, 2))]
+    kw = dict(x=x, weight_decay=weight_decay, spectral_penalty=spectral_penalty)
+    with_reg = jpc.compute_pc_param_grads((model, None), acts, y, **kw)[0]
+    without = jpc.compute_pc_param_grads((model, None), acts, y, x=x)[0]
+    got = jax.tree_util.tree_map(jnp.subtract, with_reg[0].extra, without[0].extra)
+
+    def hand(m):
+        return _penalty(listed(m), weight_decay, spectral_penalty)
+
+    want = eqx.filter_grad(hand)(module)
+    assert_trees_close(got, want, rtol=1e-10, atol=1e-12)
+    # the module's own weights are in the penalty: a non-zero gradient unless
+    # the module holds none (LayerNorm)
+    total = sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree_util.tree_leaves(got))
+    assert (total > 0) == bool(listed(module))

@@ -3,8 +3,10 @@ the reference energy, energy monotonicity, the steady-state stop (§11.1), recor
 (§11.10) and per-layer energies along trajectories (§11.5)."""
 
 import dataclasses
+import re
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -427,3 +429,308 @@ def test_solve_inference_integrates_neg_pc_activity_grad(key):
         np.testing.assert_allclose(out[i], direct[i], rtol=1e-7, atol=1e-9)
     # and the state really moved over t ∈ [0, 3]
     assert not np.allclose(out[0], p.ffwd()[0], atol=1e-3)
+
+
+# ------------------------------------------------- the stop: every example, every layer
+
+
+def _linear_net(key, d_in, width, depth, d_out, scales=()):
+    model = jpc.make_mlp(key, d_in, width, depth, d_out, "linear")
+    for i, s in scales:
+        model = eqx.tree_at(
+            lambda m, i=i: m[i].layers[1].weight, model, s * model[i].layers[1].weight
+        )
+    return model
+
+
+def _rel_errors(got, want):
+    """max over examples of ‖z_{l,i} − z*_{l,i}‖ / ‖z*_{l,i}‖, per free layer."""
+    return [
+        float(jnp.max(jnp.linalg.norm(g - w, axis=1) / jnp.linalg.norm(w, axis=1)))
+        for g, w in zip(got[:-1], want[:-1], strict=True)
+    ]
+
+
+def _ode_final(model, x, y, **kw):
+    acts = jpc.init_activities_with_ffwd(model, x)
+    out = jpc.solve_inference((model, None), acts, y, input=x, record_iters=True, **kw)
+    t_max = int(jpc.get_t_max(out))
+    return [a[t_max] for a in out], t_max
+
+
+def test_stop_waits_for_every_example():
+    """A batch of two where one example is large and already at its equilibrium
+    (its target is its own feedforward prediction): the other example must still
+    reach its own equilibrium (exact float64 linear solve) within 2 %."""
+    model = _linear_net(jr.PRNGKey(0), 4, 8, 3, 2)
+    x_big = 1e3 * jr.normal(jr.PRNGKey(1), (1, 4))
+    y_big = jpc.init_activities_with_ffwd(model, x_big)[-1]
+    x = jnp.concatenate([x_big, jr.normal(jr.PRNGKey(2), (1, 4))])
+    y = jnp.concatenate([y_big, jr.normal(jr.PRNGKey(3), (1, 2))])
+    exact = jpc.compute_linear_activity_solution(model, x, y)
+    got, t_max = _ode_final(model, x, y, max_t1=500)
+    assert t_max > 0
+    assert max(_rel_errors(got, exact)) < 0.02
+
+
+def test_stop_waits_for_every_layer():
+    """A linear 3-layer net whose first hidden layer is ~1e4 and second ~1: the
+    large layer must not loosen the test for the small one."""
+    model = _linear_net(jr.PRNGKey(4), 4, 8, 3, 2, scales=((0, 1e4), (1, 4e-4)))
+    x = jr.normal(jr.PRNGKey(5), (4, 4))
+    y = jr.normal(jr.PRNGKey(6), (4, 2))
+    exact = jpc.compute_linear_activity_solution(model, x, y)
+    sizes = [float(jnp.sqrt(jnp.mean(z**2))) for z in exact[:-1]]
+    assert sizes[0] > 1e3 and sizes[1] < 10
+    got, t_max = _ode_final(model, x, y, max_t1=500)
+    assert t_max > 0
+    assert max(_rel_errors(got, exact)) < 0.02
+
+
+def test_stop_on_raw_pixel_inputs():
+    """`make_mlp(64, 32, 3, 10, "tanh")` on raw 0–255 inputs, batch 16, default
+    solver and controller, max_t1=200: every layer ends within 2 % of the
+    equilibrium of a tight solve (Tsit5, tolerances 1e-9)."""
+    model = jpc.make_mlp(jr.PRNGKey(7), 64, 32, 3, 10, "tanh")
+    x = jr.randint(jr.PRNGKey(8), (16, 64), 0, 256).astype(float)
+    y = jax.nn.one_hot(jr.randint(jr.PRNGKey(9), (16,), 0, 10), 10)
+    acts = jpc.init_activities_with_ffwd(model, x)
+    tight = jpc.solve_inference(
+        (model, None),
+        acts,
+        y,
+        input=x,
+        solver=diffrax.Tsit5(),
+        stepsize_controller=diffrax.PIDController(rtol=1e-9, atol=1e-9),
+        max_t1=20_000,
+        max_steps=100_000,
+        steady_state_rtol=1e-10,
+        steady_state_atol=1e-10,
+    )
+    got, t_max = _ode_final(model, x, y, max_t1=200)
+    assert t_max > 4
+    assert max(_rel_errors(got, final(tight))) < 0.02
+
+
+def _per_example_rms(a):
+    return jnp.sqrt(jnp.mean(a.reshape(a.shape[0], -1) ** 2, axis=1))
+
+
+def test_stop_fires_at_the_solvers_stability_limit():
+    """A well-conditioned linear 6-6-2 net whose output weight makes the stiffest
+    mode fast (Hessian eigenvalues in [1, 9]): with the default Heun +
+    PID(1e-3) the step size sits at Heun's stability limit and the field
+    plateaus above the tolerance. The stop still fires, with every example's
+    hidden layer within atol + rtol·rms(z*) of the exact equilibrium, in far
+    fewer steps than running to the horizon."""
+    model = _linear_net(jr.PRNGKey(0), 6, 6, 2, 2, scales=((1, 5.0),))
+    x = jr.normal(jr.PRNGKey(1), (8, 6))
+    y = jr.normal(jr.PRNGKey(2), (8, 2))
+    exact = jpc.compute_linear_activity_solution(model, x, y)
+    got, t_max = _ode_final(model, x, y, max_t1=500, max_steps=4096)
+    dist = _per_example_rms(got[0] - exact[0])
+    assert bool(jnp.all(dist <= 1e-3 + 1e-3 * _per_example_rms(exact[0])))
+    horizon, t_horizon = _ode_final(
+        model,
+        x,
+        y,
+        max_t1=500,
+        max_steps=4096,
+        steady_state_rtol=1e-12,
+        steady_state_atol=1e-12,
+    )
+    assert 5 * t_max < t_horizon, (t_max, t_horizon)
+
+
+def test_stop_w4_workload():
+    """784-300-300-10 tanh, MSE, batch 64, default ODE options (random data): the
+    stop ends within twice atol + rtol·rms(z*) of a tight solve (the stop bounds
+    the field; the distance is at most the field over the smallest curvature,
+    here below 1), in far fewer steps than a fixed-horizon solve to t = 2000 (with
+    the stop switched off) takes."""
+    model = jpc.make_mlp(jr.PRNGKey(0), 784, 300, 3, 10, "tanh")
+    x = jr.uniform(jr.PRNGKey(1), (64, 784))
+    y = jax.nn.one_hot(jr.randint(jr.PRNGKey(2), (64,), 0, 10), 10)
+    acts = jpc.init_activities_with_ffwd(model, x)
+    tight = final(
+        jpc.solve_inference(
+            (model, None),
+            acts,
+            y,
+            input=x,
+            solver=diffrax.Tsit5(),
+            stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+            max_t1=50_000,
+            max_steps=100_000,
+            steady_state_rtol=1e-9,
+            steady_state_atol=1e-9,
+        )
+    )
+    got, t_max = _ode_final(model, x, y, max_t1=2000)
+    for z, z_star in zip(got[:-1], tight[:-1], strict=True):
+        dist = _per_example_rms(z - z_star)
+        assert bool(jnp.all(dist <= 2 * (1e-3 + 1e-3 * _per_example_rms(z_star))))
+    fixed = jpc.solve_inference(
+        (model, None),
+        acts,
+        y,
+        input=x,
+        record_iters=True,
+        max_t1=2000,
+        steady_state_rtol=1e-12,
+        steady_state_atol=1e-12,
+    )
+    assert 2 * t_max < int(jpc.get_t_max(fixed)), (t_max, int(jpc.get_t_max(fixed)))
+
+
+# ------------------------------------------------------------ max_steps and non-finite
+
+
+def _tiny(key=jr.PRNGKey(0)):
+    model = jpc.make_mlp(key, 3, 4, 3, 2, "tanh")
+    x = jr.normal(jr.PRNGKey(1), (2, 3))
+    y = jr.normal(jr.PRNGKey(2), (2, 2))
+    return model, x, y
+
+
+_TIGHT_FEW = dict(
+    stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10),
+    max_t1=1000,
+    max_steps=3,
+)
+
+
+def _call(name, model, x, y, **kw):
+    sgd = optax.sgd(0.1)
+    state = sgd.init((eqx.filter(model, eqx.is_array), None))
+    sizes = [2, 4, 4, 3]
+    if name == "solve_inference":
+        acts = jpc.init_activities_with_ffwd(model, x)
+        return jpc.solve_inference((model, None), acts, y, input=x, **kw)
+    if name == "make_pc_step":
+        return jpc.make_pc_step(model, sgd, state, y, input=x, **kw)
+    if name == "make_pc_step_centred":
+        return jpc.make_pc_step(model, sgd, state, y, input=x, nudging="centred", **kw)
+    generator = jpc.make_mlp(jr.PRNGKey(3), 2, 4, 3, 3, "tanh")
+    amortiser = jpc.make_mlp(jr.PRNGKey(4), 3, 4, 3, 2, "tanh")
+    labels = jax.nn.one_hot(jnp.arange(2), 2)
+    if name == "test_generative_pc":
+        return jpc.test_generative_pc(
+            generator, x, labels, jr.PRNGKey(5), sizes, 2, **kw
+        )
+    if name == "test_hpc":
+        return jpc.test_hpc(
+            generator, amortiser, x, labels, jr.PRNGKey(5), sizes, 2, **kw
+        )
+    if name == "make_hpc_step":
+        states = (
+            sgd.init((eqx.filter(generator, eqx.is_array), None)),
+            sgd.init(eqx.filter(amortiser, eqx.is_array)),
+        )
+        return jpc.make_hpc_step(
+            generator, amortiser, (sgd, sgd), states, x, input=labels, **kw
+        )
+    assert name == "compare_to_backprop"
+    return jpc.compare_to_backprop(model, x, y, key=jr.PRNGKey(6), n_samples=2, **kw)
+
+
+SOLVING = [
+    "solve_inference",
+    "make_pc_step",
+    "make_pc_step_centred",
+    "test_generative_pc",
+    "test_hpc",
+    "make_hpc_step",
+    "compare_to_backprop",
+]
+
+
+@pytest.mark.parametrize("name", SOLVING)
+def test_max_steps_error_names_the_function_called(name):
+    model, x, y = _tiny()
+    called = name.removesuffix("_centred")
+    with pytest.raises(eqx.EquinoxRuntimeError, match="max_steps=3") as info:
+        jax.block_until_ready(_call(name, model, x, y, **_TIGHT_FEW))
+    message = str(info.value)
+    assert message.startswith(f"{called}:"), message
+    others = {n.removesuffix("_centred") for n in SOLVING} - {called}
+    assert not any(other in message for other in others), message
+    # it names only options the function has
+    import inspect
+
+    fn = getattr(jpc, called)
+    for option in re.findall(r"`(\w+)`", message):
+        assert option in inspect.signature(fn).parameters, option
+
+
+@pytest.mark.parametrize("which", ["output", "input"])
+def test_non_finite_input_is_named(which):
+    model, x, y = _tiny()
+    bad = dict(output=y.at[1, 0].set(jnp.nan), input=x.at[0, 2].set(jnp.inf))
+    x = bad["input"] if which == "input" else x
+    y = bad["output"] if which == "output" else y
+    for name in ("solve_inference", "make_pc_step"):
+        with pytest.raises(eqx.EquinoxRuntimeError, match=f"`{which}` contains NaN"):
+            jax.block_until_ready(_call(name, model, x, y, max_t1=5))
+
+
+def test_non_finite_activities_argument_is_named():
+    model, x, y = _tiny()
+    acts = jpc.init_activities_with_ffwd(model, x)
+    acts[0] = acts[0].at[0, 0].set(jnp.nan)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="initial activities contain"):
+        out = jpc.solve_inference((model, None), acts, y, input=x, max_t1=5)
+        jax.block_until_ready(out)
+
+
+def test_divergence_is_reported_as_non_finite():
+    """A field that overflows (an exponential layer) is reported as a
+    non-finite state, not as running out of steps. (An adaptive controller
+    rejects each non-finite trial step and stalls at a finite state; that case
+    is still reported as running out of `max_steps`.)"""
+    controller = diffrax.ConstantStepSize()
+    k1, k2 = jr.split(jr.PRNGKey(0))
+    model = [
+        eqx.nn.Sequential([eqx.nn.Linear(3, 4, key=k1)]),
+        eqx.nn.Sequential([eqx.nn.Lambda(jnp.exp), eqx.nn.Linear(4, 2, key=k2)]),
+    ]
+    x = jr.normal(jr.PRNGKey(1), (2, 3))
+    y = 1e30 * jnp.ones((2, 2))
+    acts = jpc.init_activities_with_ffwd(model, x)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="became non-finite"):
+        out = jpc.solve_inference(
+            (model, None),
+            acts,
+            y,
+            input=x,
+            stepsize_controller=controller,
+            dt=0.5,
+            max_t1=1000,
+            max_steps=2000,
+        )
+        jax.block_until_ready(out)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(max_steps=0), "`max_steps` must be a positive integer"),
+        (dict(max_steps=2.5), "`max_steps` must be a positive integer"),
+        (dict(steady_state_rtol=0, steady_state_atol=0), "cannot both be 0"),
+    ],
+)
+def test_stop_option_errors(kw, match):
+    """Trace-time errors (a negative tolerance is traced: a runtime error)."""
+    model, x, y = _tiny()
+    with pytest.raises(ValueError, match=match):
+        _call("solve_inference", model, x, y, **kw)
+    with pytest.raises(ValueError, match=match):
+        _call("make_pc_step", model, x, y, **kw)
+
+
+@pytest.mark.parametrize("option", ["steady_state_rtol", "steady_state_atol"])
+def test_negative_stop_tolerance_raises(option):
+    model, x, y = _tiny()
+    for name in ("solve_inference", "make_pc_step"):
+        with pytest.raises(eqx.EquinoxRuntimeError, match="must be non-negative"):
+            jax.block_until_ready(_call(name, model, x, y, **{option: -1e-3}))

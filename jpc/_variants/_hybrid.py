@@ -30,8 +30,14 @@ import jax.numpy as jnp
 import optax
 
 from .._checks import check_batch, check_model, check_random_init, traced_floats
-from .._eval import infer_energies, test_generative_pc
-from .._infer import solve
+from .._eval import generative_accuracy, infer_energies
+from .._infer import (
+    DEFAULT_STEADY_STATE_ATOL,
+    DEFAULT_STEADY_STATE_RTOL,
+    STOP_FLOATS,
+    solve,
+    stop_options,
+)
 from .._layers import feedforward, layer_predictions, predict
 from .._train import check_inference_options, infer
 from .._types import Activities, Array, Float, Model, PyTree, Scalar
@@ -211,7 +217,7 @@ def compute_hpc_param_grads(
     )
 
 
-@eqx.filter_jit
+@traced_floats(*STOP_FLOATS)
 def make_hpc_step(
     generator: Model,
     amortiser: Model,
@@ -230,6 +236,9 @@ def make_hpc_step(
     record_energies: bool = False,
     activity_optim: optax.GradientTransformation | None = None,
     n_inference_steps: int | None = None,
+    max_steps: int | None = None,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> HPCStepResult:
     """One hybrid PC training step (see the module description for the flow).
 
@@ -246,6 +255,8 @@ def make_hpc_step(
         and is the target of the amortiser's last layer; `None` leaves $z_0$ free.
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: ODE inference options
         (see [`jpc.solve_inference`][]).
+    - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
+        and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
     - `activity_optim`, `n_inference_steps`: discrete inference instead (new, as in
         [`jpc.make_pc_step`][]).
     - `record_activities`, `record_energies`: return the inference trajectory and
@@ -273,8 +284,19 @@ def make_hpc_step(
     record = record_activities or record_energies
     ode = (ode_solver, max_t1, dt, stepsize_controller, None)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    stop = stop_options(
+        "make_hpc_step", max_steps, steady_state_rtol, steady_state_atol
+    )
     trajectory, final, t_max = infer(
-        params, activities, output, input, ode, discrete, record, GENERATOR_ENERGY
+        params,
+        activities,
+        output,
+        input,
+        ode,
+        discrete,
+        record,
+        GENERATOR_ENERGY,
+        stop,
     )
     generator_energy, generator, _, _, generator_state = param_step(
         params,
@@ -305,7 +327,7 @@ def make_hpc_step(
     )
 
 
-@traced_floats("sigma")
+@traced_floats("sigma", *STOP_FLOATS)
 def test_hpc(
     generator: Model,
     amortiser: Model,
@@ -321,6 +343,9 @@ def test_hpc(
     stepsize_controller: dfx.AbstractStepSizeController = dfx.PIDController(
         rtol=1e-3, atol=1e-3
     ),
+    max_steps: int | None = None,
+    steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
+    steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Array]:
     """Evaluate a hybrid PC network: amortised, hybrid and generative inference.
 
@@ -331,6 +356,8 @@ def test_hpc(
     - `key`, `layer_sizes`, `batch_size`, `sigma`: random initialisation of the
         purely generative inference (see [`jpc.init_activities_from_normal`][]).
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: inference ODE options.
+    - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
+        and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
 
     **Returns:**
 
@@ -344,22 +371,15 @@ def test_hpc(
     amort_activities = _amortise_observation(amortiser, generator, output)
     check_batch(output, input, amort_activities, y_name="output", x_name="input")
     args = ((generator, None), output, None, "mse", "sp", 0.0, 0.0, 0.0)
+    stop = stop_options("test_hpc", max_steps, steady_state_rtol, steady_state_atol)
     equilibrium = solve(
-        args, amort_activities, ode_solver, max_t1, dt, stepsize_controller
+        args, amort_activities, ode_solver, max_t1, dt, stepsize_controller, **stop
     )
-    generator_acc, output_predictions = test_generative_pc(
-        generator,
-        output,
-        input,
-        key,
-        layer_sizes,
-        batch_size,
-        sigma=sigma,
-        ode_solver=ode_solver,
-        max_t1=max_t1,
-        dt=dt,
-        stepsize_controller=stepsize_controller,
+    ode = (ode_solver, max_t1, dt, stepsize_controller)
+    generator_acc = generative_accuracy(
+        args, input, (key, layer_sizes, batch_size, sigma), ode, stop
     )
+    output_predictions = feedforward(generator, input)[-1]
     return (
         compute_accuracy(input, amort_activities[0]),
         compute_accuracy(input, equilibrium[0][-1]),
