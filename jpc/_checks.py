@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ._jit import lean_jit
+from ._present import present
 
 
 LOSSES = ("mse", "ce")
@@ -126,6 +127,6 @@ def traced_floats(*names: str) -> Callable[[Callable], Callable]:
             return jitted(*args, **kwargs)
 
         wrapper.jitted = jitted  # type: ignore[attr-defined]
-        return wrapper
+        return present(wrapper, fn)
 
     return decorator

@@ -17,6 +17,7 @@ import optax
 
 from ._checks import check_sequence, traced_floats
 from ._grads import compute_pc_param_grads
+from ._jit import filter_jit
 from ._layers import weight_leaves
 from ._perturbation import compute_np_param_grads, compute_wp_param_grads
 from ._rules import (
@@ -188,7 +189,7 @@ def compute_layer_grad_variance_ratios(
     return VarianceRatios(variances=variances, ratios=variances / variances[reference])
 
 
-@eqx.filter_jit
+@filter_jit
 def compute_per_example_grads(
     model: Model,
     x: Float[Array, "batch d_in"],

@@ -1,7 +1,6 @@
 """Evaluation helpers and energies along an inference trajectory."""
 
 import diffrax as dfx
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -16,6 +15,7 @@ from ._checks import (
 from ._energies import check_energy_inputs, layer_energies
 from ._infer import solve
 from ._init import init_activities_from_normal
+from ._jit import filter_jit
 from ._layers import check_output, feedforward, get_param_scalings
 from ._types import (
     Activities,
@@ -55,7 +55,7 @@ def infer_energies(
     return jnp.where(steps[None, :] <= t_max, energies, jnp.nan)
 
 
-@eqx.filter_jit
+@filter_jit
 def compute_infer_energies(
     params: Params,
     activities_iters: Activities,

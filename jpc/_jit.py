@@ -24,9 +24,10 @@ in `eqx.filter_jit`; an unhashable one raises a `ValueError` (it would otherwise
 mean a new compilation on every call).
 """
 
-import functools
+import inspect
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +37,8 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import jax.tree_util as jtu
+
+from ._present import check_spellings, present, wrong_spellings
 
 
 _DYNAMIC = object()  # marks an array leaf in a tuple of static leaves
@@ -292,9 +295,11 @@ def lean_jit(fn: Callable) -> Callable:
     once, as with `jax.jit`.
     """
     cache: dict = {}  # (treedef, slots) -> [jitted, wait or None (undecided)]
+    wrong = wrong_spellings(fn)
+    compilations = _Compilations(fn)
 
-    @functools.wraps(fn)
     def jitted(*args, **kwargs):
+        check_spellings(fn, wrong, kwargs)
         treedef, slots, arrays = flatten((args, kwargs))
         key = (treedef, slots)
         try:
@@ -302,6 +307,7 @@ def lean_jit(fn: Callable) -> Callable:
         except TypeError as err:
             raise _unhashable(fn, err) from None
         if entry is None:
+            compilations.note(args, kwargs)
             if len(cache) >= _JIT_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
             entry = cache[key] = [jax.jit(_traceable(fn, treedef, slots)), None]
@@ -327,7 +333,77 @@ def lean_jit(fn: Callable) -> Callable:
                 _callback_logger.removeFilter(_quiet_callback_failure)
         return out
 
-    return jitted
+    jitted.compilations = compilations  # type: ignore[attr-defined]
+    return present(jitted, fn)
+
+
+RECOMPILE_WARNING_AFTER = 4  # new programs caused by the same argument
+
+
+class _Compilations:
+    """Counts the programs a jitted function compiles and why, to warn once when
+    the same argument keeps changing (usually an optimiser made inside a loop)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.count = 0
+        self.changes: dict[str, int] = {}
+        self.last: dict | None = None
+        self.warned = False
+        try:
+            self.signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self.signature = None
+
+    def note(self, args: tuple, kwargs: dict) -> None:
+        """Record a new program for `(args, kwargs)`; warn if one argument keeps
+        being the reason."""
+        self.count += 1
+        if self.warned or self.signature is None:
+            return
+        try:
+            bound = self.signature.bind(*args, **kwargs).arguments
+            keys = {name: flatten(value)[:2] for name, value in bound.items()}
+        except (TypeError, ValueError):
+            return
+        last, self.last = self.last, keys
+        if last is None:
+            return
+        changed = [n for n, k in keys.items() if n not in last or last[n] != k]
+        for name in changed:
+            self.changes[name] = self.changes.get(name, 0) + 1
+        if changed:
+            name = max(changed, key=self.changes.__getitem__)
+            if self.changes[name] >= RECOMPILE_WARNING_AFTER:
+                self.warned = True
+                warnings.warn(
+                    _recompile_message(self.fn, self.count, name), stacklevel=4
+                )
+
+
+def _recompile_message(fn: Callable, count: int, name: str) -> str:
+    return (
+        f"`{fn.__name__}` has compiled {count} programs, and the argument `{name}` "
+        "changed for each new one. Non-array arguments (optimisers, functions, "
+        "Python ints and flags) are part of the compiled program, so every new value "
+        "compiles again. If it is an optimiser created inside the loop (e.g. a new "
+        "`optax.sgd(...)` per step), create it once before the loop; to change a "
+        "learning rate without recompiling, use `optax.inject_hyperparams` (or "
+        "`activity_lr=` for the activity step size)."
+    )
+
+
+def filter_jit(fn: Callable) -> Callable:
+    """`eqx.filter_jit(fn)` presented as `fn` (name, signature and docstring in
+    `help`), with the keyword hints of `lean_jit`."""
+    jitted = eqx.filter_jit(fn)
+    wrong = wrong_spellings(fn)
+
+    def wrapper(*args, **kwargs):
+        check_spellings(fn, wrong, kwargs)
+        return jitted(*args, **kwargs)
+
+    return present(wrapper, fn)
 
 
 def error_if(tree: Any, pred: Any, msg: str) -> Any:

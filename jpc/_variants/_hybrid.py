@@ -32,6 +32,7 @@ import optax
 from .._checks import check_batch, check_model, check_random_init, traced_floats
 from .._eval import infer_energies, test_generative_pc
 from .._infer import solve
+from .._jit import filter_jit
 from .._layers import feedforward, layer_predictions, predict
 from .._train import check_inference_options, infer
 from .._types import Activities, Array, Float, Model, PyTree, Scalar
@@ -211,7 +212,7 @@ def compute_hpc_param_grads(
     )
 
 
-@eqx.filter_jit
+@filter_jit
 def make_hpc_step(
     generator: Model,
     amortiser: Model,
