@@ -100,6 +100,18 @@ def _feedforward_prediction(model, input, skip_model, param_type, gamma=None):
     return feedforward(model, input, skip_model, scalings)[-1]
 
 
+def _fits_swapped(model, output, input, skip_model, param_type, gamma) -> bool:
+    """Whether the model maps `output` to predictions shaped like `input`."""
+
+    def swapped(data):
+        return _feedforward_prediction(model, data, skip_model, param_type, gamma)
+
+    try:
+        return jax.eval_shape(swapped, output).shape == jnp.shape(input)
+    except (TypeError, ValueError):
+        return False
+
+
 @traced_floats("gamma")
 def test_discriminative_pc(
     model: Model,
@@ -125,7 +137,15 @@ def test_discriminative_pc(
     """
     check_option("loss", loss, LOSSES)
     check_batch(output, input, [], y_name="output", x_name="input")
-    preds = _feedforward_prediction(model, input, skip_model, param_type, gamma)
+    try:
+        preds = _feedforward_prediction(model, input, skip_model, param_type, gamma)
+    except ValueError as err:
+        if _fits_swapped(model, output, input, skip_model, param_type, gamma):
+            raise ValueError(
+                f"{err} The arrays look swapped: labels come first, "
+                "`test_discriminative_pc(model, output, input)`."
+            ) from err
+        raise
     check_output(output, preds, "output")
     return LOSS_FNS[loss](preds, output), compute_accuracy(output, preds)
 

@@ -61,7 +61,10 @@ def _brief(annotation: Any) -> str:
             rest = [_brief(a) for a in args if a not in _SCALAR_ARGS]
             return " | ".join(["float | Array", *rest])
         return " | ".join(_brief(a) for a in args)
-    return _QUALIFIER.sub("", inspect.formatannotation(annotation))
+    text = _QUALIFIER.sub("", inspect.formatannotation(annotation))
+    for alias, name in _NAMED:  # also inside e.g. `Sequence[...]`
+        text = text.replace(_QUALIFIER.sub("", inspect.formatannotation(alias)), name)
+    return text
 
 
 def brief_signature(fn: Callable) -> inspect.Signature:

@@ -11,6 +11,7 @@ from ._checks import (
     LOSSES,
     check_batch,
     check_model,
+    check_opt_state,
     check_option,
     check_random_init,
     traced_floats,
@@ -253,6 +254,7 @@ def make_pc_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     check_inference_options(activity_optim, n_inference_steps)
     activity_optim = with_activity_lr(activity_optim, activity_lr)
     if nudging is not None:
@@ -374,6 +376,7 @@ def make_bp_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     check_batch(output, input, [], y_name="output", x_name="input")
 
     def loss_fn(params):

@@ -27,6 +27,7 @@ from .._checks import (
     PARAM_TYPES,
     check_batch,
     check_model,
+    check_opt_state,
     check_option,
     check_sequence,
     traced_floats,
@@ -357,6 +358,7 @@ def update_epc_params(
     """
     check_batch(output, input, [], y_name="output", x_name="input")
     check_option("loss_id", loss_id, LOSSES)
+    check_opt_state(optim, opt_state, tuple(params))
     _, grads = _param_value_and_grad(
         params,
         list(errors),

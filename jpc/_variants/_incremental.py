@@ -18,7 +18,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from .._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from .._checks import (
+    LOSSES,
+    check_batch,
+    check_model,
+    check_opt_state,
+    check_option,
+    traced_floats,
+)
 from .._energies import layer_energies
 from .._train import (
     PCStepResult,
@@ -146,6 +153,7 @@ def make_ipc_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     if activity_optim is None or n_inference_steps is None:
         raise ValueError(
             "`make_ipc_step` needs `activity_optim` and `n_inference_steps`, got "
