@@ -93,9 +93,11 @@ def check_opt_state(
 ) -> None:
     """Check `opt_state` against `optim.init` of the parameter arrays, up front.
 
-    A state of another structure would otherwise fail deep inside optax. `how`
-    says how the state is made (default: the `(model, skip_model)` pair).
+    A state of another structure would otherwise fail deep inside optax. `params`
+    is the `(model, skip_model)` pair unless `how` says how the state is made
+    (e.g. from one model alone).
     """
+    pair = not how
     how = how or "optim.init((eqx.filter(model, eqx.is_array), skip_model))"
     structure = jtu.tree_structure(opt_state)
 
@@ -109,15 +111,16 @@ def check_opt_state(
     if fits(arrays) or fits(eqx.filter(params, eqx.is_inexact_array)):
         return
     hint = ""
-    if isinstance(params, tuple) and len(params) == 2 and fits(arrays[0]):
+    if pair and fits(arrays[0]):
         hint = (
             " It looks made from the model alone; these steps update the pair "
             "`(model, skip_model)`, so its state must be made from the pair."
         )
     raise ValueError(
         f"`{name}` does not have the structure of the state `optim` makes for the "
-        f"parameters. Make it with `{how}` (with `skip_model=None` when there is "
-        f"none).{hint}"
+        f"parameters. Make it with `{how}`"
+        + (" (with `skip_model=None` when there is none)." if pair else ".")
+        + hint
     )
 
 

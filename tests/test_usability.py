@@ -298,3 +298,43 @@ def test_a_new_optimiser_per_step_warns_once_naming_it(clf):
     assert counter.count == 9
     assert len(record) == 1  # once
     assert "create it once before the loop" in str(record[0].message)
+
+
+def test_opt_states_of_pair_steps_say_how_to_make_them(key):
+    td = jpc.make_mlp(key, 6, 8, 3, 3, act_fn="tanh")
+    bu = jpc.make_mlp(jax.random.PRNGKey(1), 3, 8, 3, 6, act_fn="tanh")[::-1]
+    x, y = np.ones((5, 6)), np.eye(3)[[0, 1, 2, 0, 1]]
+    adam = optax.adam(1e-3)
+
+    def alone(model):
+        return adam.init(eqx.filter(model, eqx.is_array))
+
+    def pair(model):
+        return adam.init((eqx.filter(model, eqx.is_array), None))
+
+    activities = jpc.init_activities_with_ffwd(td, x)
+    with pytest.raises(
+        ValueError,
+        match=r"`opt_states\[1\]` does not have.*"
+        r"`bottom_up_optim\.init\(eqx\.filter\(bottom_up_model, eqx\.is_array\)\)`",
+    ):
+        jpc.update_bpc_params(
+            td, bu, activities, (adam, adam), (alone(td), pair(bu)), y, input=x
+        )
+    jpc.update_bpc_params(
+        td, bu, activities, (adam, adam), (alone(td), alone(bu)), y, input=x
+    )
+    # Hybrid PC: generator label -> image, amortiser image -> label.
+    generator, amortiser = bu[::-1], td
+    with pytest.raises(
+        ValueError, match=r"`opt_states\[0\]`.*made from the model alone"
+    ):
+        jpc.make_hpc_step(
+            generator, amortiser, (adam, adam), (alone(generator), alone(amortiser)), x
+        )
+    # Theory of linear networks: a pair, as for make_pc_step.
+    linear = jpc.make_mlp(key, 6, 8, 3, 3, act_fn="linear", use_bias=False)
+    with pytest.raises(ValueError, match="made from the model alone"):
+        jpc.update_linear_equilib_energy_params(
+            (linear, None), adam, alone(linear), x, y
+        )

@@ -29,6 +29,7 @@ from .._checks import (
     check_activities,
     check_batch,
     check_model,
+    check_opt_state,
     check_option,
     traced_floats,
 )
@@ -332,6 +333,11 @@ def update_bpc_params(
     check_batch(output, input, [], y_name="output", x_name="input")
     optims = check_pair("optims", optims)
     opt_states = check_pair("opt_states", opt_states)
+    for i, (which, model) in enumerate(
+        (("top_down", top_down_model), ("bottom_up", bottom_up_model))
+    ):
+        how = f"{which}_optim.init(eqx.filter({which}_model, eqx.is_array))"
+        check_opt_state(optims[i], opt_states[i], model, f"opt_states[{i}]", how)
     _, grads = _models_value_and_grad(
         top_down_model,
         bottom_up_model,
