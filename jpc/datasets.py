@@ -232,7 +232,10 @@ def find_dataset(
 
 
 def find_mnist(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """[`find_dataset`][] for MNIST: its local directory, or `None`."""
+    """MNIST's local directory, or `None`.
+
+    [`find_dataset`][jpc.datasets.find_dataset] for `"mnist"`, both splits.
+    """
     return find_dataset("mnist", data_dir)
 
 
@@ -378,7 +381,9 @@ def load_idx_dataset(
 def load_mnist(
     split: Split, data_dir: str | os.PathLike | None = None, **kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[`load_idx_dataset`][] for MNIST: `(images (n, 784) in [0, 1], labels (n,))`.
+    """MNIST: `(images (n, 784) in [0, 1], labels (n,))`.
+
+    [`load_idx_dataset`][jpc.datasets.load_idx_dataset] for `"mnist"`.
 
     Keyword arguments (`verify`, `download`, `timeout`) are passed on.
     """
@@ -388,7 +393,9 @@ def load_mnist(
 def load_fashion_mnist(
     split: Split, data_dir: str | os.PathLike | None = None, **kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[`load_idx_dataset`][] for Fashion-MNIST: `(images (n, 784), labels (n,))`.
+    """Fashion-MNIST: `(images (n, 784) in [0, 1], labels (n,))`.
+
+    [`load_idx_dataset`][jpc.datasets.load_idx_dataset] for `"fashion_mnist"`.
 
     Keyword arguments (`verify`, `download`, `timeout`) are passed on.
     """
