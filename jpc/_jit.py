@@ -341,13 +341,18 @@ RECOMPILE_WARNING_AFTER = 4  # new programs caused by the same argument
 
 
 class _Compilations:
-    """Counts the programs a jitted function compiles and why, to warn once when
-    the same argument keeps changing (usually an optimiser made inside a loop)."""
+    """Counts the programs a jitted function compiles, to warn once when the same
+    argument keeps forcing new ones by being a new object of the same kind (an
+    optimiser or function created inside a loop).
+
+    A change of structure or of a plain value (a new width, option string or step
+    count) is a deliberate new program and never counts.
+    """
 
     def __init__(self, fn: Callable):
         self.fn = fn
         self.count = 0
-        self.changes: dict[str, int] = {}
+        self.streaks: dict[str, int] = {}
         self.last: dict | None = None
         self.warned = False
         try:
@@ -356,8 +361,8 @@ class _Compilations:
             self.signature = None
 
     def note(self, args: tuple, kwargs: dict) -> None:
-        """Record a new program for `(args, kwargs)`; warn if one argument keeps
-        being the reason."""
+        """Record a new program for `(args, kwargs)`; warn once if one argument was
+        a new object of the same kind for several programs in a row."""
         self.count += 1
         if self.warned or self.signature is None:
             return
@@ -369,27 +374,53 @@ class _Compilations:
         last, self.last = self.last, keys
         if last is None:
             return
-        changed = [n for n, k in keys.items() if n not in last or last[n] != k]
-        for name in changed:
-            self.changes[name] = self.changes.get(name, 0) + 1
-        if changed:
-            name = max(changed, key=self.changes.__getitem__)
-            if self.changes[name] >= RECOMPILE_WARNING_AFTER:
+        renewed = [n for n in keys if n in last and _renewed(last[n], keys[n])]
+        self.streaks = {n: self.streaks.get(n, 0) + 1 for n in renewed}
+        for name in renewed:
+            if self.streaks[name] >= RECOMPILE_WARNING_AFTER:
                 self.warned = True
-                warnings.warn(
-                    _recompile_message(self.fn, self.count, name), stacklevel=4
-                )
+                message = _recompile_message(self.fn, self.count, name)
+                warnings.warn(message, stacklevel=4)
+                return
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
+
+
+def _renewed(old: tuple, new: tuple) -> bool:
+    """Whether `new` differs from `old` only by new callables in the same places."""
+    (old_def, old_slots), (new_def, new_slots) = old, new
+    if old_def != new_def or len(old_slots) != len(new_slots):
+        return False
+    pairs = [(a, b) for a, b in zip(old_slots, new_slots) if not _same(a, b)]
+    for a, b in pairs:
+        if type(a) is _Structure and type(b) is _Structure:
+            if a.treedef != b.treedef or not _renewed_leaves(a.static, b.static):
+                return False
+        elif not (callable(a) and callable(b)):
+            return False
+    return bool(pairs)
+
+
+def _renewed_leaves(old: tuple, new: tuple) -> bool:
+    pairs = [(a, b) for a, b in zip(old, new) if not _same(a, b)]
+    return all(callable(a) and callable(b) for a, b in pairs)
 
 
 def _recompile_message(fn: Callable, count: int, name: str) -> str:
     return (
-        f"`{fn.__name__}` has compiled {count} programs, and the argument `{name}` "
-        "changed for each new one. Non-array arguments (optimisers, functions, "
-        "Python ints and flags) are part of the compiled program, so every new value "
-        "compiles again. If it is an optimiser created inside the loop (e.g. a new "
-        "`optax.sgd(...)` per step), create it once before the loop; to change a "
-        "learning rate without recompiling, use `optax.inject_hyperparams` (or "
-        "`activity_lr=` for the activity step size)."
+        f"`{fn.__name__}` has compiled {count} programs; the last "
+        f"{RECOMPILE_WARNING_AFTER} were needed because `{name}` was a new object of "
+        "the same kind each time (new functions inside it). Non-array arguments are "
+        "part of the compiled program, so every new one compiles again. If it is an "
+        "optimiser created inside the loop (e.g. a new `optax.sgd(...)` per step), "
+        "create it once before the loop; to change a learning rate without "
+        "recompiling, use `optax.inject_hyperparams` (or `activity_lr=` for the "
+        "activity step size)."
     )
 
 

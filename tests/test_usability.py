@@ -280,8 +280,21 @@ def test_a_new_optimiser_per_step_warns_once_naming_it(clf):
                 n_inference_steps=2,
             )
     assert counter.count == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # new plain values are deliberate: no warning
+        for n_steps in range(1, 7):
+            step(
+                model,
+                optim,
+                state,
+                y,
+                input=x,
+                activity_optim=reused,
+                n_inference_steps=n_steps,
+            )
+    assert counter.count == 6
     with pytest.warns(
-        UserWarning, match=r"argument `activity_optim` changed"
+        UserWarning, match=r"because `activity_optim` was a new object"
     ) as record:
         for i in range(8):
             step(
@@ -295,7 +308,7 @@ def test_a_new_optimiser_per_step_warns_once_naming_it(clf):
             )
             if i < RECOMPILE_WARNING_AFTER - 1:
                 assert not record, i  # only after a few compilations
-    assert counter.count == 9
+    assert counter.count == 14
     assert len(record) == 1  # once
     assert "create it once before the loop" in str(record[0].message)
 
