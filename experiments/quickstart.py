@@ -82,8 +82,11 @@ def resolve_dataset(dataset: str, data_dir) -> tuple[str, str]:
             found = datasets.download_dataset("mnist", split, timeout=10.0)
         return "mnist", f"downloaded to {found}"
     except datasets.DownloadError as e:
-        reason = str(e).splitlines()[0]
-        print(f"MNIST is not available locally and not downloadable: {reason}")
+        print(f"MNIST is not available locally and could not be downloaded.\n{e}")
+        print(
+            "To use MNIST, set JPC_DATA_DIR (or pass --data-dir) to a folder holding "
+            "its four IDX .gz files. Using scikit-learn's digits instead."
+        )
         return "digits", "scikit-learn (bundled), the offline fallback"
 
 
@@ -226,6 +229,7 @@ def print_summary(runs: dict) -> None:
 def main(argv=None) -> dict:
     """Train both methods, print the comparison, write the plot and the JSON."""
     args = parse_args(argv)
+    print(f"Results and plots will be written to {args.out_dir.resolve()}")
     name, source = resolve_dataset(args.dataset, args.data_dir)
     print(f"Dataset: {name} ({source})")
     data = load_data(name, args.data_dir)
@@ -254,7 +258,8 @@ def main(argv=None) -> dict:
     save_plot(runs, name, args.out_dir / "learning_curves.png")
     results = _results(args, name, source, x_train, x_test, runs)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"Wrote {args.out_dir / 'results.json'} and learning_curves.png")
+    print(f"Wrote {(args.out_dir / 'results.json').resolve()}")
+    print(f"Wrote {(args.out_dir / 'learning_curves.png').resolve()}")
     return results
 
 

@@ -4,10 +4,14 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 from ._jit import lean_jit
+from ._present import present
 
 
 LOSSES = ("mse", "ce")
@@ -63,6 +67,7 @@ def check_batch(y: Any, x: Any, activities: Any, y_name="y", x_name="x") -> None
         raise ValueError(
             f"`{x_name}` and `{y_name}` must have the same batch size, got "
             f"{x_name}.shape={np.shape(x)} and {y_name}.shape={np.shape(y)}."
+            + batch_axis_hint((x_name, x), (y_name, y))
         )
     for i, z in enumerate(activities):
         if np.ndim(z) == 0 or np.shape(z)[0] != batch:
@@ -70,6 +75,54 @@ def check_batch(y: Any, x: Any, activities: Any, y_name="y", x_name="x") -> None
                 f"`activities[{i}]` must have batch size {batch} like `{y_name}`, got "
                 f"shape {np.shape(z)}."
             )
+
+
+def batch_axis_hint(*named: tuple[str, Any]) -> str:
+    """A hint for one example passed without its batch axis (a 1-D array)."""
+    single = [name for name, value in named if np.ndim(value) == 1]
+    if not single:
+        return ""
+    fix = ", ".join(f"`{name}[None]`" for name in single)
+    return (
+        f" If this is a single example, inputs need a leading batch axis: {fix} "
+        "(a batch of one)."
+    )
+
+
+def check_opt_state(
+    optim: Any, opt_state: Any, params: Any, name: str = "opt_state", how: str = ""
+) -> None:
+    """Check `opt_state` against `optim.init` of the parameter arrays, up front.
+
+    A state of another structure would otherwise fail deep inside optax. `params`
+    is the `(model, skip_model)` pair unless `how` says how the state is made
+    (e.g. from one model alone).
+    """
+    pair = not how
+    how = how or "optim.init((eqx.filter(model, eqx.is_array), skip_model))"
+    structure = jtu.tree_structure(opt_state)
+
+    def fits(tree) -> bool:
+        try:
+            return jtu.tree_structure(jax.eval_shape(optim.init, tree)) == structure
+        except Exception:  # an optimiser that cannot init these parameters
+            return True  # leave the error to optax
+
+    arrays = eqx.filter(params, eqx.is_array)
+    if fits(arrays) or fits(eqx.filter(params, eqx.is_inexact_array)):
+        return
+    hint = ""
+    if pair and fits(arrays[0]):
+        hint = (
+            " It looks made from the model alone; these steps update the pair "
+            "`(model, skip_model)`, so its state must be made from the pair."
+        )
+    raise ValueError(
+        f"`{name}` does not have the structure of the state `optim` makes for the "
+        f"parameters. Make it with `{how}`"
+        + (" (with `skip_model=None` when there is none)." if pair else ".")
+        + hint
+    )
 
 
 def check_random_init(model: Any, output: Any, layer_sizes: Any, batch_size: Any):
@@ -129,6 +182,6 @@ def traced_floats(*names: str) -> Callable[[Callable], Callable]:
             return jitted(*args, **kwargs)
 
         wrapper.jitted = jitted  # type: ignore[attr-defined]
-        return wrapper
+        return present(wrapper, fn)
 
     return decorator

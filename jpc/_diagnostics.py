@@ -23,6 +23,7 @@ from ._infer import (
     STOP_FLOATS,
     stop_options,
 )
+from ._jit import filter_jit
 from ._layers import weight_matrices
 from ._perturbation import compute_np_param_grads, compute_wp_param_grads
 from ._rules import (
@@ -194,7 +195,7 @@ def compute_layer_grad_variance_ratios(
     return VarianceRatios(variances=variances, ratios=variances / variances[reference])
 
 
-@eqx.filter_jit
+@filter_jit
 def compute_per_example_grads(
     model: Model,
     x: Float[Array, "batch d_in"],

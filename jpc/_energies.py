@@ -22,6 +22,7 @@ from ._layers import (
     skip_at,
     weight_matrices,
 )
+from ._present import keyword_hints
 from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
 from ._utils import LOSS_FNS
 
@@ -159,6 +160,7 @@ def record_order(energies: list) -> list:
     return [energies[-1], *energies[1:-1], energies[0]]
 
 
+@keyword_hints
 def pc_energy_fn(
     params: Params,
     activities: Activities,

@@ -1,7 +1,6 @@
 """Evaluation helpers and energies along an inference trajectory."""
 
 import diffrax as dfx
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +22,7 @@ from ._infer import (
     stop_options,
 )
 from ._init import init_activities_from_normal
+from ._jit import filter_jit
 from ._layers import check_output, feedforward, get_param_scalings
 from ._types import (
     Activities,
@@ -62,7 +62,7 @@ def infer_energies(
     return jnp.where(steps[None, :] <= t_max, energies, jnp.nan)
 
 
-@eqx.filter_jit
+@filter_jit
 def compute_infer_energies(
     params: Params,
     activities_iters: Activities,
@@ -107,6 +107,18 @@ def _feedforward_prediction(model, input, skip_model, param_type, gamma=None):
     return feedforward(model, input, skip_model, scalings)[-1]
 
 
+def _fits_swapped(model, output, input, skip_model, param_type, gamma) -> bool:
+    """Whether the model maps `output` to predictions shaped like `input`."""
+
+    def swapped(data):
+        return _feedforward_prediction(model, data, skip_model, param_type, gamma)
+
+    try:
+        return jax.eval_shape(swapped, output).shape == jnp.shape(input)
+    except (TypeError, ValueError):
+        return False
+
+
 @traced_floats("gamma")
 def test_discriminative_pc(
     model: Model,
@@ -132,7 +144,15 @@ def test_discriminative_pc(
     """
     check_option("loss", loss, LOSSES)
     check_batch(output, input, [], y_name="output", x_name="input")
-    preds = _feedforward_prediction(model, input, skip_model, param_type, gamma)
+    try:
+        preds = _feedforward_prediction(model, input, skip_model, param_type, gamma)
+    except ValueError as err:
+        if _fits_swapped(model, output, input, skip_model, param_type, gamma):
+            raise ValueError(
+                f"{err} The arrays look swapped: labels come first, "
+                "`test_discriminative_pc(model, output, input)`."
+            ) from err
+        raise
     check_output(output, preds, "output")
     return LOSS_FNS[loss](preds, output), compute_accuracy(output, preds)
 

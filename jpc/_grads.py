@@ -7,12 +7,14 @@ import jax
 import jax.tree_util as jtu
 
 from ._energies import check_energy_inputs, pc_energy_fn
+from ._present import keyword_hints
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
 
 
 _NAMES = ("loss_id", "y", "x")  # argument names used in error messages
 
 
+@keyword_hints
 def compute_pc_activity_grad(
     params: Params,
     activities: Activities,
@@ -56,6 +58,7 @@ def compute_pc_activity_grad(
     )
 
 
+@keyword_hints
 def compute_pc_param_grads(
     params: Params,
     activities: Activities,

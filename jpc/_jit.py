@@ -32,9 +32,10 @@ in `eqx.filter_jit`; an unhashable one raises a `ValueError` (it would otherwise
 mean a new compilation on every call).
 """
 
-import functools
+import inspect
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,6 +45,8 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import jax.tree_util as jtu
+
+from ._present import check_spellings, present, wrong_spellings
 
 
 _DYNAMIC = object()  # marks an array leaf in a tuple of static leaves
@@ -427,9 +430,11 @@ def lean_jit(fn: Callable) -> Callable:
     cache: dict = {}  # (treedef, slots) -> [jitted, wait or None (undecided)]
     deferred = getattr(fn, "_jpc_deferred_checks", False)
     name = getattr(fn, "__name__", "jitted function")
+    wrong = wrong_spellings(fn)
+    compilations = _Compilations(fn)
 
-    @functools.wraps(fn)
     def jitted(*args, **kwargs):
+        check_spellings(fn, wrong, kwargs)
         treedef, slots, arrays = flatten((args, kwargs))
         key = (treedef, slots)
         try:
@@ -437,6 +442,7 @@ def lean_jit(fn: Callable) -> Callable:
         except TypeError as err:
             raise _unhashable(fn, err) from None
         if entry is None:
+            compilations.note(args, kwargs)
             if len(cache) >= _JIT_CACHE_SIZE:
                 cache.pop(next(iter(cache)))
             entry = cache[key] = [jax.jit(_traceable(fn, treedef, slots)), None]
@@ -479,7 +485,108 @@ def lean_jit(fn: Callable) -> Callable:
         return jax.jit(_traceable(fn, treedef, slots)).lower(arrays)
 
     jitted.lower = lower  # type: ignore[attr-defined]
-    return jitted
+    jitted.compilations = compilations  # type: ignore[attr-defined]
+    return present(jitted, fn)
+
+
+RECOMPILE_WARNING_AFTER = 4  # new programs caused by the same argument
+
+
+class _Compilations:
+    """Counts the programs a jitted function compiles, to warn once when the same
+    argument keeps forcing new ones by being a new object of the same kind (an
+    optimiser or function created inside a loop).
+
+    A change of structure or of a plain value (a new width, option string or step
+    count) is a deliberate new program and never counts.
+    """
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.count = 0
+        self.streaks: dict[str, int] = {}
+        self.last: dict | None = None
+        self.warned = False
+        try:
+            self.signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            self.signature = None
+
+    def note(self, args: tuple, kwargs: dict) -> None:
+        """Record a new program for `(args, kwargs)`; warn once if one argument was
+        a new object of the same kind for several programs in a row."""
+        self.count += 1
+        if self.warned or self.signature is None:
+            return
+        try:
+            bound = self.signature.bind(*args, **kwargs).arguments
+            keys = {name: flatten(value)[:2] for name, value in bound.items()}
+        except (TypeError, ValueError):
+            return
+        last, self.last = self.last, keys
+        if last is None:
+            return
+        renewed = [n for n in keys if n in last and _renewed(last[n], keys[n])]
+        self.streaks = {n: self.streaks.get(n, 0) + 1 for n in renewed}
+        for name in renewed:
+            if self.streaks[name] >= RECOMPILE_WARNING_AFTER:
+                self.warned = True
+                message = _recompile_message(self.fn, self.count, name)
+                warnings.warn(message, stacklevel=4)
+                return
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
+
+
+def _renewed(old: tuple, new: tuple) -> bool:
+    """Whether `new` differs from `old` only by new callables in the same places."""
+    (old_def, old_slots), (new_def, new_slots) = old, new
+    if old_def != new_def or len(old_slots) != len(new_slots):
+        return False
+    pairs = [(a, b) for a, b in zip(old_slots, new_slots) if not _same(a, b)]
+    for a, b in pairs:
+        if type(a) is _Structure and type(b) is _Structure:
+            if a.treedef != b.treedef or not _renewed_leaves(a.static, b.static):
+                return False
+        elif not (callable(a) and callable(b)):
+            return False
+    return bool(pairs)
+
+
+def _renewed_leaves(old: tuple, new: tuple) -> bool:
+    pairs = [(a, b) for a, b in zip(old, new) if not _same(a, b)]
+    return all(callable(a) and callable(b) for a, b in pairs)
+
+
+def _recompile_message(fn: Callable, count: int, name: str) -> str:
+    return (
+        f"`{fn.__name__}` has compiled {count} programs; the last "
+        f"{RECOMPILE_WARNING_AFTER} were needed because `{name}` was a new object of "
+        "the same kind each time (new functions inside it). Non-array arguments are "
+        "part of the compiled program, so every new one compiles again. If it is an "
+        "optimiser created inside the loop (e.g. a new `optax.sgd(...)` per step), "
+        "create it once before the loop; to change a learning rate without "
+        "recompiling, use `optax.inject_hyperparams` (or `activity_lr=` for the "
+        "activity step size)."
+    )
+
+
+def filter_jit(fn: Callable) -> Callable:
+    """`eqx.filter_jit(fn)` presented as `fn` (name, signature and docstring in
+    `help`), with the keyword hints of `lean_jit`."""
+    jitted = eqx.filter_jit(fn)
+    wrong = wrong_spellings(fn)
+
+    def wrapper(*args, **kwargs):
+        check_spellings(fn, wrong, kwargs)
+        return jitted(*args, **kwargs)
+
+    return present(wrapper, fn)
 
 
 def error_if(tree: Any, pred: Any, msg: str) -> Any:

@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._checks import PARAM_TYPES, check_model, check_option, check_shape
+from ._checks import (
+    PARAM_TYPES,
+    batch_axis_hint,
+    check_model,
+    check_option,
+    check_shape,
+)
 from ._types import Activities, Array, Float, Layer, Model, ParamType, SkipModel
 
 
@@ -161,9 +167,11 @@ def predict(
     try:
         pred = jax.vmap(layer)(z)
     except (TypeError, ValueError) as err:
+        hint = batch_axis_hint((name, z)) if name.isidentifier() else ""
+        hint = f".{hint}" if hint else ""
         raise ValueError(
             f"The layer could not be applied to `{name}` of per-example shape "
-            f"{tuple(np.shape(z)[1:])}: {err}"
+            f"{tuple(np.shape(z)[1:])}: {err}{hint}"
         ) from err
     if not _is_one(scale):
         pred = scale * pred

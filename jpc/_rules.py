@@ -19,6 +19,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 
 from ._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from ._jit import filter_jit
 from ._layers import (
     feedforward,
     get_param_scalings,
@@ -195,7 +196,7 @@ def init_feedback_weights(key: Array, model: Model) -> list[Array | None]:
     return feedback
 
 
-@eqx.filter_jit
+@filter_jit
 def compute_fa_param_grads(
     model: Model,
     feedback: list[Array | None],

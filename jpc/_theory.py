@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from ._checks import check_batch, check_model, traced_floats
+from ._checks import check_batch, check_model, check_opt_state, traced_floats
 from ._layers import get_param_scalings, weight_matrices
 from ._types import Array, Float, Model, Params, ParamType, PyTree, Scalar
 from ._utils import _ACT_FNS
@@ -318,6 +318,7 @@ def update_linear_equilib_energy_params(
     A dict with the updated `model` and `skip_model`, the `grads`
     `(model_grads, skip_model_grads)` and the new `opt_state`.
     """
+    check_opt_state(optim, opt_state, tuple(params))
     _, grads = _energy_and_grads(params, x, y, param_type, gamma, output_energy_scaling)
     arrays = eqx.filter(tuple(params), eqx.is_array)
     updates, opt_state = optim.update(grads, opt_state, arrays)

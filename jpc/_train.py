@@ -11,6 +11,7 @@ from ._checks import (
     LOSSES,
     check_batch,
     check_model,
+    check_opt_state,
     check_option,
     check_random_init,
     traced_floats,
@@ -87,6 +88,25 @@ def check_inference_options(activity_optim, n_inference_steps) -> None:
         )
 
 
+def with_activity_lr(activity_optim, activity_lr):
+    """`activity_optim` whose updates are multiplied by `activity_lr` (traced).
+
+    `None` leaves `activity_optim` unchanged. Built with learning rate 1 and given
+    the rate as `activity_lr`, the optimiser is the same object for every rate, so
+    a sweep over rates compiles once.
+    """
+    if activity_lr is None:
+        return activity_optim
+    if activity_optim is None:
+        raise ValueError(
+            "`activity_lr` multiplies the updates of `activity_optim` (discrete "
+            "inference), but `activity_optim=None`: pass e.g. "
+            "`activity_optim=optax.sgd(1.0)` and `n_inference_steps`, got "
+            f"activity_lr={activity_lr!r}."
+        )
+    return optax.chain(activity_optim, optax.scale(activity_lr))
+
+
 def initial_activities(model, skip_model, output, input, param_type, gamma, random):
     """Feedforward activities (supervised) or random normal ones (unsupervised).
 
@@ -157,7 +177,7 @@ def _norms(requested: bool, tree) -> list | None:
     return compute_param_norms(tree) if requested and tree is not None else None
 
 
-@traced_floats(*ENERGY_FLOATS, "sigma", "beta", *STOP_FLOATS)
+@traced_floats(*ENERGY_FLOATS, "sigma", "beta", "activity_lr", *STOP_FLOATS)
 @deferred_checks  # a failed check is raised at the next call by default
 def make_pc_step(
     model: Model,
@@ -191,6 +211,7 @@ def make_pc_step(
     calculate_accuracy: bool = False,
     activity_optim: optax.GradientTransformation | None = None,
     n_inference_steps: int | None = None,
+    activity_lr: Scalar | None = None,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
     nudging: Literal["positive", "negative", "centred"] | None = None,
@@ -223,6 +244,11 @@ def make_pc_step(
     - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
         and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
     - `activity_optim`, `n_inference_steps`: discrete inference instead.
+    - `activity_lr`: optional multiplier of `activity_optim`'s updates, traced: build
+        the optimiser once with learning rate 1 (e.g. `optax.sgd(1.0)`) and pass the
+        rate here, so that a sweep over rates compiles once and can be vmapped over
+        (see the advanced usage page). `None` (default) leaves the updates as they
+        are.
     - `nudging`, `beta`: weight the output energy by ±β instead of 1 and scale the
         parameter gradient g at the inferred state back: `"positive"` g(β)/β,
         `"negative"` g(−β)/(−β), `"centred"` (g(β) − g(−β))/(2β) (two inference
@@ -249,7 +275,9 @@ def make_pc_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     check_inference_options(activity_optim, n_inference_steps)
+    activity_optim = with_activity_lr(activity_optim, activity_lr)
     if nudging is not None:
         check_option("nudging", nudging, NUDGINGS)
         check_beta(beta)
@@ -378,6 +406,7 @@ def make_bp_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     check_batch(output, input, [], y_name="output", x_name="input")
 
     def loss_fn(params):

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import optax
 
-from ._checks import traced_floats
+from ._checks import check_opt_state, traced_floats
 from ._energies import check_energy_inputs
 from ._grads import _param_value_and_grad, compute_pc_activity_grad
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
@@ -148,6 +148,7 @@ def update_pc_params(
     `(model_grads, skip_model_grads)` and the new `opt_state`.
     """
     check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
+    check_opt_state(optim, opt_state, tuple(params))
     _, model, skip_model, grads, opt_state = param_step(
         params,
         activities,

@@ -12,7 +12,8 @@ where each directory may hold the four files directly or in a `mnist/` or
 mirrors into the cache and checked against their MD5 checksums.
 
 scikit-learn's bundled 8×8 digits and the two-moons problem are small offline
-alternatives; `one_hot` and `batches` turn any of them into training batches.
+alternatives (they need scikit-learn: `pip install "jpc[datasets]"`); `one_hot` and
+`batches` turn any of them into training batches.
 """
 
 import gzip
@@ -231,7 +232,10 @@ def find_dataset(
 
 
 def find_mnist(data_dir: str | os.PathLike | None = None) -> Path | None:
-    """[`find_dataset`][] for MNIST: its local directory, or `None`."""
+    """MNIST's local directory, or `None`.
+
+    [`find_dataset`][jpc.datasets.find_dataset] for `"mnist"`, both splits.
+    """
     return find_dataset("mnist", data_dir)
 
 
@@ -268,9 +272,28 @@ def _download(name: str, filename: str, timeout: float) -> Path:
     raise DownloadError(
         f"Could not download {name} file {filename!r}; every mirror failed:\n"
         + "\n".join(errors)
-        + "\nPut the IDX .gz files in a directory and pass `data_dir=` or set "
-        "$JPC_DATA_DIR to it."
+        + "\nPut the four IDX .gz files in a folder and set the environment variable "
+        "JPC_DATA_DIR to it (or pass `data_dir=`)."
     )
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; return those new (deepest first)."""
+    created, current = [], directory
+    while not current.exists() and current != current.parent:
+        created.append(current)
+        current = current.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders of `created` (deepest first) that are still empty."""
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (a file was downloaded) or already gone
+            return
 
 
 def download_dataset(name: DatasetName, split: Split, timeout: float = 60.0) -> Path:
@@ -288,14 +311,20 @@ def download_dataset(name: DatasetName, split: Split, timeout: float = 60.0) -> 
 
     **Raises:**
 
-    `DownloadError` if every mirror fails for some file; `ValueError` for an unknown
+    `DownloadError` if every mirror fails for some file (cache folders this call
+    created are removed again if they are left empty); `ValueError` for an unknown
     `name` or `split`.
     """
     _check_choice("name", name, _DATASETS)
     _check_choice("split", split, _FILES)
-    for filename in _FILES[split]:
-        if not (_cache_dir(name) / filename).is_file():
-            _download(name, filename, timeout)
+    created = _make_dirs(_cache_dir(name))
+    try:
+        for filename in _FILES[split]:
+            if not (_cache_dir(name) / filename).is_file():
+                _download(name, filename, timeout)
+    except BaseException:
+        _remove_empty(created)
+        raise
     return _cache_dir(name)
 
 
@@ -352,7 +381,9 @@ def load_idx_dataset(
 def load_mnist(
     split: Split, data_dir: str | os.PathLike | None = None, **kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[`load_idx_dataset`][] for MNIST: `(images (n, 784) in [0, 1], labels (n,))`.
+    """MNIST: `(images (n, 784) in [0, 1], labels (n,))`.
+
+    [`load_idx_dataset`][jpc.datasets.load_idx_dataset] for `"mnist"`.
 
     Keyword arguments (`verify`, `download`, `timeout`) are passed on.
     """
@@ -362,11 +393,25 @@ def load_mnist(
 def load_fashion_mnist(
     split: Split, data_dir: str | os.PathLike | None = None, **kwargs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[`load_idx_dataset`][] for Fashion-MNIST: `(images (n, 784), labels (n,))`.
+    """Fashion-MNIST: `(images (n, 784) in [0, 1], labels (n,))`.
+
+    [`load_idx_dataset`][jpc.datasets.load_idx_dataset] for `"fashion_mnist"`.
 
     Keyword arguments (`verify`, `download`, `timeout`) are passed on.
     """
     return load_idx_dataset("fashion_mnist", split, data_dir, **kwargs)
+
+
+def _require_sklearn(function: str) -> None:
+    """Raise an `ImportError` that says how to install scikit-learn."""
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"`jpc.datasets.{function}` needs scikit-learn, which is not installed. "
+            'Install it with `pip install "jpc[datasets]"` (or `pip install '
+            "scikit-learn`); MNIST and Fashion-MNIST need only NumPy."
+        ) from err
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -395,8 +440,10 @@ def load_digits_data(test_fraction: float = 0.2, seed: int = 0):
 
     **Raises:**
 
-    `ValueError` if `test_fraction` is not in `(0, 1)`.
+    `ValueError` if `test_fraction` is not in `(0, 1)`; `ImportError` if
+    scikit-learn is not installed (`pip install "jpc[datasets]"`).
     """
+    _require_sklearn("load_digits_data")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -423,8 +470,10 @@ def load_moons(
 
     **Raises:**
 
-    `ValueError` if `test_fraction` is not in `(0, 1)`.
+    `ValueError` if `test_fraction` is not in `(0, 1)`; `ImportError` if
+    scikit-learn is not installed (`pip install "jpc[datasets]"`).
     """
+    _require_sklearn("load_moons")
     from sklearn.datasets import make_moons
 
     x, y = make_moons(n_samples=n_samples, noise=noise, random_state=seed)

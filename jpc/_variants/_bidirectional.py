@@ -29,10 +29,12 @@ from .._checks import (
     check_activities,
     check_batch,
     check_model,
+    check_opt_state,
     check_option,
     traced_floats,
 )
 from .._energies import layer_energies
+from .._layers import predict
 from .._types import (
     Activities,
     Array,
@@ -78,6 +80,18 @@ def _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_mo
     check_batch(y, x, activities)
 
 
+def _check_first_bottom_up_layer(layer, y, index) -> None:
+    """Name `y` when the layer applied to it (the last one) does not fit it."""
+    try:
+        jax.eval_shape(lambda z: predict(layer, None, 1.0, z, "y"), y)
+    except ValueError as err:
+        raise ValueError(
+            f"`bottom_up_model` runs from `y` down to the bottom activity, so its "
+            f"last entry, `bottom_up_model[{index}]`, is applied to `y` first: "
+            f"{err} Check the order of the bottom-up layers."
+        ) from err
+
+
 def _backward_energies(bottom_up_model, activities, y, x, param_type) -> list:
     """Bottom-up energies in `bottom_up_model` order (entry 0 first)."""
     bottom = x if x is not None else activities[0]
@@ -86,6 +100,7 @@ def _backward_energies(bottom_up_model, activities, y, x, param_type) -> list:
     # The reversed model runs y -> z_H -> ... -> z_1 -> bottom; its last activity
     # slot is never read, so `bottom` fills it.
     reversed_activities = [*hidden[::-1], bottom]
+    _check_first_bottom_up_layer(reversed_model[0], y, len(reversed_model) - 1)
     try:
         energies = layer_energies(
             (reversed_model, None), reversed_activities, bottom, y, "mse", param_type
@@ -318,6 +333,11 @@ def update_bpc_params(
     check_batch(output, input, [], y_name="output", x_name="input")
     optims = check_pair("optims", optims)
     opt_states = check_pair("opt_states", opt_states)
+    for i, (which, model) in enumerate(
+        (("top_down", top_down_model), ("bottom_up", bottom_up_model))
+    ):
+        how = f"{which}_optim.init(eqx.filter({which}_model, eqx.is_array))"
+        check_opt_state(optims[i], opt_states[i], model, f"opt_states[{i}]", how)
     _, grads = _models_value_and_grad(
         top_down_model,
         bottom_up_model,

@@ -27,12 +27,14 @@ from .._checks import (
     PARAM_TYPES,
     check_batch,
     check_model,
+    check_opt_state,
     check_option,
     check_sequence,
     traced_floats,
 )
 from .._init import _as_shape
 from .._layers import check_output, get_param_scalings, predict, skip_at
+from .._present import keyword_hints
 from .._types import Array, Float, LossId, Mode, Params, ParamType, PyTree, Scalar
 from .._utils import LOSS_FNS
 from ._common import optax_update
@@ -142,6 +144,7 @@ def perturbed_forward(model, skip_model, scalings, z0, errors, name) -> Array:
     return z
 
 
+@keyword_hints
 def epc_energy_fn(
     params: Params,
     errors: Sequence[Float[Array, "batch ..."]],
@@ -207,6 +210,7 @@ def epc_energy_fn(
     return error_energy + output_energy
 
 
+@keyword_hints
 def compute_epc_error_grad(
     params: Params,
     errors: Sequence[Float[Array, "batch ..."]],
@@ -246,6 +250,7 @@ def _param_value_and_grad(params, errors, y, **kwargs):
     )
 
 
+@keyword_hints
 def compute_epc_param_grads(
     params: Params,
     errors: Sequence[Float[Array, "batch ..."]],
@@ -353,6 +358,7 @@ def update_epc_params(
     """
     check_batch(output, input, [], y_name="output", x_name="input")
     check_option("loss_id", loss_id, LOSSES)
+    check_opt_state(optim, opt_state, tuple(params))
     _, grads = _param_value_and_grad(
         params,
         list(errors),

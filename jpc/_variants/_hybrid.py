@@ -29,7 +29,13 @@ import equinox as eqx
 import jax.numpy as jnp
 import optax
 
-from .._checks import check_batch, check_model, check_random_init, traced_floats
+from .._checks import (
+    check_batch,
+    check_model,
+    check_opt_state,
+    check_random_init,
+    traced_floats,
+)
 from .._eval import generative_accuracy, infer_energies
 from .._infer import (
     DEFAULT_STEADY_STATE_ATOL,
@@ -277,6 +283,16 @@ def make_hpc_step(
     check_inference_options(activity_optim, n_inference_steps)
     generator_optim, amortiser_optim = check_pair("optims", optims)
     generator_state, amortiser_state = check_pair("opt_states", opt_states)
+    check_opt_state(
+        generator_optim, generator_state, (generator, None), "opt_states[0]"
+    )
+    check_opt_state(
+        amortiser_optim,
+        amortiser_state,
+        amortiser,
+        "opt_states[1]",
+        "amortiser_optim.init(eqx.filter(amortiser, eqx.is_array))",
+    )
     check_batch(output, input, [], y_name="output", x_name="input")
     amort_activities = _amortise_observation(amortiser, generator, output)
     activities = amort_activities if input is None else amort_activities[1:]

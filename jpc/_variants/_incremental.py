@@ -18,9 +18,22 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optax
 
-from .._checks import LOSSES, check_batch, check_model, check_option, traced_floats
+from .._checks import (
+    LOSSES,
+    check_batch,
+    check_model,
+    check_opt_state,
+    check_option,
+    traced_floats,
+)
 from .._energies import layer_energies
-from .._train import PCStepResult, _norms, check_inference_options, initial_activities
+from .._train import (
+    PCStepResult,
+    _norms,
+    check_inference_options,
+    initial_activities,
+    with_activity_lr,
+)
 from .._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
 from .._updates import ENERGY_FLOATS, activity_step, param_step
 from .._utils import LOSS_FNS, compute_accuracy, compute_activity_norms
@@ -73,7 +86,7 @@ def incremental_inference(
     return params, final, grads, opt_state, trajectory, energies
 
 
-@traced_floats(*ENERGY_FLOATS, "sigma")
+@traced_floats(*ENERGY_FLOATS, "sigma", "activity_lr")
 def make_ipc_step(
     model: Model,
     optim: optax.GradientTransformation,
@@ -83,6 +96,7 @@ def make_ipc_step(
     input: Float[Array, "batch ..."] | None = None,
     activity_optim: optax.GradientTransformation,
     n_inference_steps: int,
+    activity_lr: Scalar | None = None,
     loss_id: LossId = "mse",
     param_type: ParamType = "sp",
     skip_model: SkipModel = None,
@@ -117,6 +131,8 @@ def make_ipc_step(
         `optim.init((eqx.filter(model, eqx.is_array), skip_model))`).
     - `activity_optim`, `n_inference_steps`: the activity optimiser and the number
         `T` of joint steps (both required).
+    - `activity_lr`: optional traced multiplier of `activity_optim`'s updates, as
+        for [`jpc.make_pc_step`][].
     - `loss_id`, `param_type`, `weight_decay`, `spectral_penalty`,
         `activity_decay`, `gamma`, `output_energy_scaling`: energy options (traced).
     - `key`, `layer_sizes`, `batch_size`, `sigma`: unsupervised initialisation.
@@ -137,6 +153,7 @@ def make_ipc_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     if activity_optim is None or n_inference_steps is None:
         raise ValueError(
             "`make_ipc_step` needs `activity_optim` and `n_inference_steps`, got "
@@ -144,6 +161,7 @@ def make_ipc_step(
             f"{n_inference_steps!r}."
         )
     check_inference_options(activity_optim, n_inference_steps)
+    activity_optim = with_activity_lr(activity_optim, activity_lr)
     check_batch(output, input, [], y_name="output", x_name="input")
     kw = dict(
         loss_id=loss_id,

@@ -22,8 +22,9 @@ from typing import Any
 import equinox as eqx
 import optax
 
-from .._checks import LOSSES, check_batch, check_model, check_option
+from .._checks import LOSSES, check_batch, check_model, check_opt_state, check_option
 from .._energies import pc_energy_fn
+from .._jit import filter_jit
 from .._train import BPStepResult, initial_activities
 from .._types import Array, Float, LossId, Model, ParamType, SkipModel
 from .._updates import discrete_inference, param_step
@@ -90,7 +91,7 @@ def _check_zil_options(input, hybrid_steps, activity_optim) -> None:
         )
 
 
-@eqx.filter_jit
+@filter_jit
 def make_zil_step(
     model: Model,
     optim: optax.GradientTransformation,
@@ -133,6 +134,7 @@ def make_zil_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_opt_state(optim, opt_state, (model, skip_model))
     _check_zil_options(input, hybrid_steps, activity_optim)
     check_batch(output, input, [], y_name="output", x_name="input")
     activities, prediction = initial_activities(
