@@ -16,7 +16,6 @@ second is $\alpha_b$ times the standard PC energy of the reversed bottom-up mode
 (input $y$, target $x$), which is how it is computed here.
 """
 
-from collections.abc import Sequence
 from typing import Any, TypedDict
 
 import equinox as eqx
@@ -26,10 +25,10 @@ import optax
 
 from .._checks import (
     PARAM_TYPES,
-    check_activities,
     check_batch,
     check_model,
     check_option,
+    check_sequence,
     traced_floats,
 )
 from .._energies import layer_energies
@@ -43,7 +42,7 @@ from .._types import (
     Scalar,
     SkipModel,
 )
-from ._common import check_pair, optax_update
+from ._common import check_optim, optax_update
 
 
 BPC_FLOATS = ("backward_energy_weight", "forward_energy_weight")
@@ -74,21 +73,54 @@ def _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_mo
             "`bottom_up_model` must have one layer per layer of `top_down_model` "
             f"({len(top_down_model)}), got {len(bottom_up_model)}."
         )
-    check_activities(top_down_model, activities, supervised=x is not None)
+    check_sequence("activities", activities)
+    n_free = len(top_down_model) - 1 if x is not None else len(top_down_model)
+    if len(activities) not in (n_free, n_free + 1):
+        layout = "[z_1, ..., z_H]" if x is not None else "[z_0, z_1, ..., z_H]"
+        raise ValueError(
+            f"`activities` must have {n_free} entries {layout} for "
+            f"{len(top_down_model)}-layer models, or {n_free + 1} with a trailing "
+            f"output slot, got {len(activities)}."
+        )
     check_batch(y, x, activities)
 
 
-def _backward_energies(bottom_up_model, activities, y, x, param_type) -> list:
+def with_output_slot(top_down_model, activities, y, x) -> list:
+    """`activities` with the never-read output slot (filled with `y` if absent)."""
+    n_free = len(top_down_model) - 1 if x is not None else len(top_down_model)
+    activities = list(activities)
+    return activities if len(activities) == n_free + 1 else [*activities, y]
+
+
+def bottom_up_skips(skip_model, n_layers: int) -> list | None:
+    """Skips of the bottom-up model, in its order: entry `j` (predicting hidden
+    `z_j` from `z_{j+1}`, `1 <= j <= H - 1`) reuses `skip_model[j]`, the skip from
+    `z_j` up into `z_{j+1}`."""
+    if skip_model is None:
+        return None
+    return [skip_model[j] if 1 <= j <= n_layers - 2 else None for j in range(n_layers)]
+
+
+def _backward_energies(
+    bottom_up_model, activities, y, x, param_type, skip_model=None
+) -> list:
     """Bottom-up energies in `bottom_up_model` order (entry 0 first)."""
     bottom = x if x is not None else activities[0]
     hidden = activities[:-1] if x is not None else activities[1:-1]
     reversed_model = list(bottom_up_model)[::-1]
+    skips = bottom_up_skips(skip_model, len(bottom_up_model))
+    reversed_skips = None if skips is None else skips[::-1]
     # The reversed model runs y -> z_H -> ... -> z_1 -> bottom; its last activity
     # slot is never read, so `bottom` fills it.
     reversed_activities = [*hidden[::-1], bottom]
     try:
         energies = layer_energies(
-            (reversed_model, None), reversed_activities, bottom, y, "mse", param_type
+            (reversed_model, reversed_skips),
+            reversed_activities,
+            bottom,
+            y,
+            "mse",
+            param_type,
         )
     except ValueError as err:
         raise ValueError(
@@ -123,12 +155,16 @@ def bpc_energy_fn(
     - `bottom_up_model`: `H + 1` layers listed from the bottom: entry 0 predicts
         `x` from `z_1`, entry `j` predicts `z_j` from `z_{j+1}`, the last predicts
         `z_H` from `y`.
-    - `activities`: `[z_1, ..., z_H, slot]` (supervised) or `[z_0, z_1, ..., z_H,
-        slot]` (unsupervised, `x=None`: the bottom activity `z_0` is free and both
-        networks' terms reach it); the trailing output slot is never read.
+    - `activities`: the hidden activities `[z_1, ..., z_H]` (supervised) or
+        `[z_0, z_1, ..., z_H]` (unsupervised, `x=None`: the bottom activity `z_0`
+        is free and both networks' terms reach it), optionally followed by an
+        output slot that is never read (both layouts give the same energy; the
+        output term always uses $z_H$).
     - `y`: target clamping the top; `x`: input clamping the bottom, or `None`.
-    - `skip_model`: optional skips of the top-down model (the bottom-up model has
-        none).
+    - `skip_model`: optional skips, used in both directions: entry `j` adds
+        $s_j(z_j)$ to the top-down prediction of $z_{j+1}$ (as in PC) and, for
+        $1 \le j \le H - 1$, $s_j(z_{j+1})$ to the bottom-up prediction of
+        $z_j$.
     - `param_type`: parameterisation of both networks, each with its own input
         (`x` for the top-down, `y` for the bottom-up model).
     - `record_layers`: return the weighted per-layer energies instead of the sum.
@@ -136,10 +172,11 @@ def bpc_energy_fn(
 
     **Returns:**
 
-    A scalar; with `record_layers=True` a `(2, H + 1)` array whose row 0 holds the
-    weighted top-down energies in `top_down_model` order and row 1 the weighted
-    bottom-up energies in `bottom_up_model` order, so that column `j` holds the two
-    errors between $z_j$ and $z_{j+1}$; the entries sum to the energy.
+    A scalar; with `record_layers=True` the flat array of the JPC library's
+    layout, `2 (H + 1)` weighted terms each divided by `B`: `[E_td(y), E_bu(x),
+    E_td(z_1), E_bu(z_1), ..., E_td(z_H), E_bu(z_H)]`, where `E_td(z_l)` is the
+    top-down error of $z_l$ (times $\alpha_f$) and `E_bu(z_l)` its bottom-up error
+    (times $\alpha_b$); the entries sum to the energy.
 
     **Raises:**
 
@@ -148,16 +185,19 @@ def bpc_energy_fn(
     """
     check_option("param_type", param_type, PARAM_TYPES)
     _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_model)
+    activities = with_output_slot(top_down_model, activities, y, x)
     forward = layer_energies(
         (top_down_model, skip_model), activities, y, x, "mse", param_type
     )
-    backward = _backward_energies(bottom_up_model, activities, y, x, param_type)
+    backward = _backward_energies(
+        bottom_up_model, activities, y, x, param_type, skip_model
+    )
     if record_layers:
+        forward = [forward_energy_weight * e for e in forward]
+        backward = [backward_energy_weight * e for e in backward]
+        pairs = zip(forward[:-1], backward[1:])
         return jnp.stack(
-            [
-                forward_energy_weight * jnp.stack(forward),
-                backward_energy_weight * jnp.stack(backward),
-            ]
+            [forward[-1], backward[0], *(e for pair in pairs for e in pair)]
         )
     return forward_energy_weight * sum(forward) + backward_energy_weight * sum(backward)
 
@@ -289,8 +329,10 @@ def update_bpc_params(
     top_down_model: Model,
     bottom_up_model: Model,
     activities: Activities,
-    optims: Sequence[optax.GradientTransformation],
-    opt_states: Sequence[optax.OptState],
+    top_down_optim: optax.GradientTransformation,
+    bottom_up_optim: optax.GradientTransformation,
+    top_down_opt_state: optax.OptState,
+    bottom_up_opt_state: optax.OptState,
     output: Float[Array, "batch ..."],
     *,
     input: Float[Array, "batch ..."] | None = None,
@@ -305,19 +347,26 @@ def update_bpc_params(
 
     - `top_down_model`, `bottom_up_model`, `activities`, `skip_model`,
         `param_type`, the weights: as for [`jpc.bpc_energy_fn`][].
-    - `optims`: `(top_down_optim, bottom_up_optim)`.
-    - `opt_states`: their states, each `optim.init(eqx.filter(model,
-        eqx.is_array))`.
+    - `top_down_optim`, `bottom_up_optim`: the two optimisers.
+    - `top_down_opt_state`, `bottom_up_opt_state`: their states, each
+        `optim.init(eqx.filter(that_model, eqx.is_array))`.
     - `output`, `input`: the clamps `y` and `x`.
 
     **Returns:**
 
     A dict with `models`, `grads` and `opt_states`, each a pair `(top_down,
     bottom_up)`.
+
+    **Raises:**
+
+    `TypeError` if an optimiser is not an `optax.GradientTransformation`;
+    `ValueError` as [`jpc.bpc_energy_fn`][].
     """
     check_batch(output, input, [], y_name="output", x_name="input")
-    optims = check_pair("optims", optims)
-    opt_states = check_pair("opt_states", opt_states)
+    optims = (top_down_optim, bottom_up_optim)
+    opt_states = (top_down_opt_state, bottom_up_opt_state)
+    for name, optim in zip(("top_down_optim", "bottom_up_optim"), optims):
+        check_optim(name, optim)
     _, grads = _models_value_and_grad(
         top_down_model,
         bottom_up_model,
