@@ -9,11 +9,14 @@ $z_H$ from $y$). The energy is
 
 $$\mathcal{F} = \frac{1}{B}\sum_i \sum_{j=0}^{H}\Big[\frac{\alpha_f}{2}
 \lVert z_{j+1,i} - a_{j+1} f_j(z_{j,i}) - s_j(z_{j,i})\rVert^2
-+ \frac{\alpha_b}{2}\lVert z_{j,i} - g_j(z_{j+1,i})\rVert^2\Big].$$
++ \frac{\alpha_b}{2}\lVert z_{j,i} - g_j(z_{j+1,i})
+- \tilde s_j(z_{j+1,i})\rVert^2\Big],$$
 
-The first sum is $\alpha_f$ times the standard PC energy of the top-down model; the
-second is $\alpha_b$ times the standard PC energy of the reversed bottom-up model
-(input $y$, target $x$), which is how it is computed here.
+with $\tilde s_j = s_j$ for $1 \le j \le H - 1$ (each skip also acts downwards) and
+$0$ otherwise. The first sum is $\alpha_f$ times the standard PC energy of the
+top-down model; the second is $\alpha_b$ times the standard PC energy of the reversed
+bottom-up model (input $y$, target $x$, with the skips $\tilde s$), which is how it is
+computed here.
 """
 
 from typing import Any, TypedDict
