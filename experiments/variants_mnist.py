@@ -144,7 +144,7 @@ def make_bpc(args, key):
         init = (z, activity_optim.init(z))
         (z, _), _ = jax.lax.scan(infer, init, length=args.n_inference_steps)
         out = jpc.update_bpc_params(
-            *nets, z, optims, states, y, input=x, backward_energy_weight=alpha
+            *nets, z, *optims, *states, y, input=x, backward_energy_weight=alpha
         )
         return tuple(out["models"]), out["opt_states"]
 

@@ -7,6 +7,7 @@ from ._checkpoint import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
+from ._checks import _check_param_type as _check_param_type
 from ._diagnostics import (
     compare_to_backprop as compare_to_backprop,
     compute_grad_cosine_similarity as compute_grad_cosine_similarity,
@@ -83,6 +84,13 @@ from ._variants._bidirectional import (
     compute_bpc_param_grads as compute_bpc_param_grads,
     update_bpc_activities as update_bpc_activities,
     update_bpc_params as update_bpc_params,
+)
+from ._variants._dendrites import (
+    compute_pdm_activity_grad as compute_pdm_activity_grad,
+    compute_pdm_param_grads as compute_pdm_param_grads,
+    pdm_energy_fn as pdm_energy_fn,
+    update_pdm_activities as update_pdm_activities,
+    update_pdm_params as update_pdm_params,
 )
 from ._variants._error import (
     compute_epc_error_grad as compute_epc_error_grad,

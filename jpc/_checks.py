@@ -25,6 +25,29 @@ def check_option(name: str, value: Any, options: Sequence[str]) -> None:
         raise ValueError(f"`{name}` must be one of {tuple(options)}, got {value!r}.")
 
 
+def _check_param_type(param_type: Any) -> None:
+    """Check a parameterisation name, as the JPC library's helper of the same name.
+
+    **Arguments:**
+
+    - `param_type`: the parameterisation to check.
+
+    **Returns:**
+
+    `None` when `param_type` is `"sp"`, `"mupc"` or `"ntp"`.
+
+    **Raises:**
+
+    `ValueError` naming the received value otherwise (its message contains
+    "Invalid parameterisation").
+    """
+    if not isinstance(param_type, str) or param_type not in PARAM_TYPES:
+        raise ValueError(
+            f"Invalid parameterisation: `param_type` must be one of {PARAM_TYPES}, "
+            f"got {param_type!r}."
+        )
+
+
 def check_sequence(name: str, value: Any) -> None:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(

@@ -49,7 +49,7 @@ def infer_energies(
     gamma=None,
     output_energy_scaling=None,
 ) -> Array:
-    """Per-layer energies `(L, T)`, rows in layer order, NaN after `t_max`."""
+    """Per-layer energies `(L, T)`, rows in layer order, `0.` after `t_max`."""
 
     def at(activities):
         energies = layer_energies(
@@ -59,7 +59,7 @@ def infer_energies(
 
     energies = jax.vmap(at)(list(activities_iters)).T
     steps = jnp.arange(energies.shape[1])
-    return jnp.where(steps[None, :] <= t_max, energies, jnp.nan)
+    return jnp.where(steps[None, :] <= t_max, energies, 0.0)
 
 
 @filter_jit
@@ -91,7 +91,9 @@ def compute_infer_energies(
     **Returns:**
 
     An `(L, T)` array whose row `l - 1` is $E_l$ (layer order `1..L`, unlike
-    `record_layers`); columns after `t_max` are NaN. Every recorded step is kept.
+    `record_layers`); column `k` belongs to row `k` of the trajectory and columns
+    after `t_max` are `0.` (finite, as in the JPC library). Every recorded step is
+    kept.
     """
     del weight_decay, spectral_penalty, activity_decay
     first = [a[0] for a in activities_iters]

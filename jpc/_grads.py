@@ -126,12 +126,16 @@ def vector_field_args(params, y, x, **energy_kwargs) -> tuple:
 
 def unpack_vector_field_args(args: tuple) -> dict[str, Any]:
     """Keyword arguments of the energy from the `args` tuple of the vector field."""
-    if not isinstance(args, tuple) or len(args) not in (8, 10):
+    if not isinstance(args, tuple) or len(args) not in (8, 10, 11):
         raise ValueError(
             "`args` must be `(params, y, x, loss_id, param_type, weight_decay, "
-            "spectral_penalty, activity_decay[, gamma, output_energy_scaling])`, got "
+            "spectral_penalty, activity_decay[, gamma, output_energy_scaling"
+            "[, stepsize_controller]])`, got "
             f"{type(args).__name__} {args!r:.80}."
         )
+    # The 11-tuple of the JPC library ends with the step-size controller, which
+    # the vector field does not use.
+    args = args[:10]
     return dict(zip(VECTOR_FIELD_ARGS, args + (None,) * (10 - len(args))))
 
 
@@ -143,7 +147,9 @@ def neg_pc_activity_grad(t: Any, activities: Activities, args: tuple) -> list[Ar
     - `t`: time (unused; the field is autonomous).
     - `activities`: current activities.
     - `args`: `(params, y, x, loss_id, param_type, weight_decay, spectral_penalty,
-        activity_decay)`, optionally followed by `gamma, output_energy_scaling`.
+        activity_decay)`, optionally followed by `gamma, output_energy_scaling` and
+        then a step-size controller (the JPC library's 11-entry form; the
+        controller is ignored here).
 
     **Returns:**
 

@@ -147,7 +147,8 @@ def _max_steps(max_steps, max_t1, dt, controller, record_iters) -> int:
 
 def _saveat(max_t1, record_iters: bool, record_every) -> dfx.SaveAt:
     if record_iters:
-        return dfx.SaveAt(t0=True, steps=True)
+        # Row k is the state after the (k+1)-th accepted step; no initial row.
+        return dfx.SaveAt(steps=True)
     if record_every is not None:
         if not record_every > 0:
             raise ValueError(f"`record_every` must be positive, got {record_every!r}.")
@@ -286,13 +287,16 @@ def solve(
     steady_state_rtol=None,
     steady_state_atol=None,
     caller: str = "solve_inference",
+    saveat=None,
 ) -> list[Array]:
     """Integrate the vector field `neg_pc_activity_grad` with `args` (not jitted).
 
     `names` are the caller's names of the loss option and the clamps `y`, `x`,
     and `caller` the name of the public function, used in error messages.
     The ODE's times are in the activities' dtype, so float32 activities stay
-    float32 with `jax_enable_x64` on.
+    float32 with `jax_enable_x64` on. `saveat`, when given, replaces the
+    `diffrax.SaveAt` built from `record_iters`/`record_every` (which then only set
+    the step budget); the result is then `sol.ys` in its layout.
     """
     kwargs = unpack_vector_field_args(args)
     check_energy_inputs(
@@ -319,7 +323,10 @@ def solve(
         dt0=None if dt is None else jnp.asarray(dt, dtype),
         y0=y0,
         args=args,
-        saveat=_as_dtype(_saveat(max_t1, record_iters, record_every), dtype),
+        saveat=_as_dtype(
+            _saveat(max_t1, record_iters, record_every) if saveat is None else saveat,
+            dtype,
+        ),
         stepsize_controller=controller,
         event=steady_state_event(rtol, atol),
         max_steps=n_steps,
@@ -436,8 +443,9 @@ def solve_inference(
     - `dt`: initial (or, with `diffrax.ConstantStepSize`, fixed) step size;
         `None` lets an adaptive controller choose.
     - `stepsize_controller`: any diffrax step-size controller.
-    - `record_iters`: save the initial state and every accepted step (rows after
-        the last are `inf`; see [`jpc.get_t_max`][]).
+    - `record_iters`: save the state after every accepted step (row `k` is the
+        state after step `k + 1`; the initial state is not a row, as in the JPC
+        library; rows after the last step are `inf`, see [`jpc.get_t_max`][]).
     - `record_every`: save the state every `record_every` time units from $t=0$
         until the stop, then the final state (rows after it are `inf`).
     - `max_steps`: solver step budget; by default `ceil(max_t1 / dt) + 1` for a

@@ -1,5 +1,6 @@
 """High-level, jit-compiled training steps: `make_pc_step` and `make_bp_step`."""
 
+import dataclasses
 from typing import Any, Literal, TypedDict
 
 import diffrax as dfx
@@ -16,13 +17,14 @@ from ._checks import (
     check_random_init,
     traced_floats,
 )
-from ._energies import check_energy_inputs
+from ._energies import check_energy_inputs, layer_energies, record_order
 from ._eval import infer_energies
-from ._grads import vector_field_args
+from ._grads import unpack_vector_field_args, vector_field_args
 from ._infer import (
     DEFAULT_STEADY_STATE_ATOL,
     DEFAULT_STEADY_STATE_RTOL,
     STOP_FLOATS,
+    _saveat,
     like_data,
     solve,
     stop_options,
@@ -36,8 +38,8 @@ from ._utils import (
     LOSS_FNS,
     compute_accuracy,
     compute_activity_norms,
-    compute_param_norms,
     get_t_max,
+    leaf_norms,
 )
 from ._variants._nudging import NUDGINGS, check_beta, nudged_param_step
 
@@ -51,13 +53,13 @@ class PCStepResult(TypedDict):
     loss: Array | None
     acc: Array | None
     activities: list[Array]
-    t_max: Array | None
-    energies: Array | None
+    t_max: Array
+    energies: Array
     activity_norms: Array | None
-    model_param_norms: list[Array] | None
-    skip_model_param_norms: list[Array] | None
-    model_grad_norms: list[Array] | None
-    skip_model_grad_norms: list[Array] | None
+    model_param_norms: Array | None
+    skip_model_param_norms: Array | None
+    model_grad_norms: Array | None
+    skip_model_grad_norms: Array | None
 
 
 class BPStepResult(TypedDict):
@@ -173,8 +175,120 @@ def infer(
     return trajectory, [z[t_max] for z in trajectory], t_max
 
 
-def _norms(requested: bool, tree) -> list | None:
-    return compute_param_norms(tree) if requested and tree is not None else None
+def _energies_at(t, y, args) -> Array:
+    """Per-layer energies `[E_1, ..., E_L]` of the state `y` (a `SaveAt` `fn`)."""
+    kw = unpack_vector_field_args(args)
+    return jnp.stack(
+        layer_energies(
+            kw["params"],
+            y,
+            kw["y"],
+            kw["x"],
+            kw["loss_id"],
+            kw["param_type"],
+            kw["gamma"],
+            kw["output_energy_scaling"],
+        )
+    )
+
+
+def _recorded_energies(rows: Array, t_max) -> Array:
+    """`(T, L)` energies saved by the solve → `(L, T)`, `0.` after `t_max`."""
+    steps = jnp.arange(rows.shape[0])
+    return jnp.where(steps[None, :] <= t_max, rows.T, 0.0)
+
+
+def infer_recorded(
+    params,
+    activities,
+    output,
+    input,
+    ode,
+    discrete,
+    record_activities: bool,
+    record_energies: bool,
+    energy_kwargs,
+    stop=None,
+):
+    """[`infer`][] that also records the per-layer energies along the way.
+
+    Returns `((trajectory, energies), final, t_max)`; `energies` is `(L, T)` in
+    layer order (`0.` after `t_max`) or `None`. On the ODE path the energies of
+    each saved state are computed inside the solve (a `SaveAt` `fn`), so recording
+    them stores no states: without `record_activities`, `trajectory` is the final
+    state only (leading axis of length 1) and the step budget is that of an
+    unrecorded solve.
+    """
+    if not record_energies or discrete is not None:
+        record = record_activities or record_energies
+        trajectory, final, t_max = infer(
+            params,
+            activities,
+            output,
+            input,
+            ode,
+            discrete,
+            record,
+            energy_kwargs,
+            stop,
+        )
+        energies = None
+        if record_energies:
+            kw = energy_kwargs
+            energies = infer_energies(
+                params,
+                trajectory,
+                t_max,
+                output,
+                input,
+                kw["loss_id"],
+                kw["param_type"],
+                kw["gamma"],
+                kw["output_energy_scaling"],
+            )
+        return (trajectory, energies), final, t_max
+    solver, max_t1, dt, controller, record_every = ode
+    args = vector_field_args(params, output, input, **energy_kwargs)
+    times = _saveat(max_t1, record_every is None, record_every).subs
+    states = times if record_activities else dfx.SubSaveAt(t1=True)
+    saved = solve(
+        args,
+        activities,
+        solver,
+        max_t1,
+        dt,
+        controller,
+        record_iters=record_activities and record_every is None,
+        saveat=dfx.SaveAt(subs=[states, dataclasses.replace(times, fn=_energies_at)]),
+        **(stop or {}),
+    )
+    trajectory, energy_rows = saved
+    t_max = get_t_max([energy_rows])
+    if record_activities:
+        final = [z[t_max] for z in trajectory]
+    else:
+        final = [z[-1] for z in trajectory]
+    return (trajectory, _recorded_energies(energy_rows, t_max)), final, t_max
+
+
+def _final_energies(params, final, output, input, energy_kwargs) -> Array:
+    """Per-layer energies at the inferred state, `record_layers` order."""
+    kw = energy_kwargs
+    energies = layer_energies(
+        params,
+        final,
+        output,
+        input,
+        kw["loss_id"],
+        kw["param_type"],
+        kw["gamma"],
+        kw["output_energy_scaling"],
+    )
+    return jnp.stack(record_order(energies))
+
+
+def _norms(requested: bool, tree, like=None) -> Array | None:
+    return leaf_norms(tree, like) if requested and tree is not None else None
 
 
 @traced_floats(*ENERGY_FLOATS, "sigma", "beta", "activity_lr", *STOP_FLOATS)
@@ -263,7 +377,24 @@ def make_pc_step(
     A dict with keys `model, skip_model, opt_state, loss, acc, activities, t_max,
     energies, activity_norms, model_param_norms, skip_model_param_norms,
     model_grad_norms, skip_model_grad_norms`; unrequested metrics are `None`.
-    `activities` has a leading time axis (length 1 unless recording).
+
+    - `loss`: loss of the feedforward prediction before the update (`None` when
+        unsupervised); `acc`: accuracy (%) of the **updated** model's feedforward
+        prediction on the batch.
+    - `activities`: leading time axis; the final state only (length 1) unless
+        `record_activities`, then one row per accepted solver step (or per
+        `record_every` time, or per discrete step).
+    - `t_max`: the row of the final state when recording, else `0`.
+    - `energies`: with `record_energies`, an `(L, T)` array of per-layer energies
+        along the inference (layer order, `0.` after `t_max`, as
+        [`jpc.compute_infer_energies`][]), computed inside the ODE solve without
+        storing the states; otherwise the per-layer energies at the inferred state
+        in `record_layers` order (see [`jpc.pc_energy_fn`][]).
+    - `activity_norms`: [`jpc.compute_activity_norms`][] of the inferred state.
+    - `model_param_norms`, `skip_model_param_norms`: norms of the parameters used
+        for inference (before the update), one per leaf as
+        [`jpc.compute_param_norms`][]; `model_grad_norms`, `skip_model_grad_norms`:
+        the same for the gradients (`0.` where a leaf is not an array).
 
     **Raises:**
 
@@ -301,19 +432,19 @@ def make_pc_step(
         (key, layer_sizes, batch_size, sigma),
     )
     check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
-    record = record_activities or record_energies
     ode = (ode_solver, max_t1, dt, stepsize_controller, record_every)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
     stop = stop_options("make_pc_step", max_steps, steady_state_rtol, steady_state_atol)
+    recording = (record_activities, record_energies)
     if nudging is None:
-        trajectory, final, t_max = infer(
+        (trajectory, energies), final, t_max = infer_recorded(
             params,
             activities,
             output,
             input,
             ode,
             discrete,
-            record,
+            *recording,
             energy_kwargs,
             stop,
         )
@@ -322,8 +453,8 @@ def make_pc_step(
         )
     else:
         first_phase, *update = nudged_param_step(
-            lambda kw: infer(
-                params, activities, output, input, ode, discrete, record, kw, stop
+            lambda kw: infer_recorded(
+                params, activities, output, input, ode, discrete, *recording, kw, stop
             ),
             params,
             optim,
@@ -335,42 +466,39 @@ def make_pc_step(
             beta,
         )
         energy, new_model, new_skip, grads, opt_state = update
-        trajectory, final, t_max, output_energy_scaling = first_phase
+        (trajectory, energies), final, t_max, output_energy_scaling = first_phase
     new_model = error_if(
         new_model,
         ~jnp.isfinite(energy),
         "make_pc_step: the energy at the inferred activities is not finite.",
     )
     supervised = prediction is not None
-    energies = None
-    if record_energies:
-        energies = infer_energies(
-            params,
-            trajectory,
-            t_max,
-            output,
-            input,
-            loss_id,
-            param_type,
-            gamma,
-            output_energy_scaling,
-        )
+    if energies is None:
+        final_kwargs = dict(energy_kwargs, output_energy_scaling=output_energy_scaling)
+        energies = _final_energies(params, final, output, input, final_kwargs)
+    if t_max is None:
+        t_max = jnp.asarray(0)
+    acc = None
+    if supervised and calculate_accuracy:
+        # The accuracy of the updated model, as in the JPC library.
+        updated = initial_activities(
+            new_model, new_skip, output, input, param_type, gamma, None
+        )[1]
+        acc = compute_accuracy(output, updated)
     return PCStepResult(
         model=new_model,
         skip_model=new_skip,
         opt_state=opt_state,
         loss=LOSS_FNS[loss_id](prediction, output) if supervised else None,
-        acc=compute_accuracy(output, prediction)
-        if supervised and calculate_accuracy
-        else None,
+        acc=acc,
         activities=trajectory,
         t_max=t_max,
         energies=energies,
         activity_norms=compute_activity_norms(final) if activity_norms else None,
-        model_param_norms=_norms(param_norms, new_model),
-        skip_model_param_norms=_norms(param_norms, new_skip),
-        model_grad_norms=_norms(grad_norms, grads[0]),
-        skip_model_grad_norms=_norms(grad_norms, grads[1]),
+        model_param_norms=_norms(param_norms, model),
+        skip_model_param_norms=_norms(param_norms, skip_model),
+        model_grad_norms=_norms(grad_norms, grads[0], model),
+        skip_model_grad_norms=_norms(grad_norms, grads[1], skip_model),
     )
 
 

@@ -169,11 +169,75 @@ def get_t_max(activities_iters: Activities):
 
 
 def compute_activity_norms(activities: Activities) -> Array:
-    """L2 norm of each activity array (over batch and features), one per layer."""
-    return jnp.stack([jnp.linalg.norm(jnp.ravel(z)) for z in activities])
+    r"""Mean L2 norm of each layer's activities over the batch.
+
+    For each array $z_l$ of shape `(batch, ...)`, each example is flattened and
+    $\frac1B\sum_i\lVert z_{l,i}\rVert_2$ is taken, as in the JPC library: the
+    rows `[[3, 4], [0, 0]]` give `2.5`.
+
+    **Arguments:**
+
+    - `activities`: list of arrays with a leading batch axis.
+
+    **Returns:**
+
+    An array with one entry per layer.
+    """
+    return jnp.stack(
+        [
+            jnp.mean(jnp.linalg.norm(jnp.reshape(z, (jnp.shape(z)[0], -1)), axis=1))
+            for z in activities
+        ]
+    )
 
 
-def compute_param_norms(params: PyTree) -> list[Array]:
-    """L2 norm of every array leaf of `params`, in tree-flattening order."""
-    leaves = jtu.tree_leaves(eqx.filter(params, eqx.is_array))
-    return [jnp.linalg.norm(jnp.ravel(leaf)) for leaf in leaves]
+def leaf_norms(tree: PyTree, like: PyTree | None = None) -> Array:
+    """L2 norm of each leaf of `like` (default `tree`), read from `tree`.
+
+    One entry per leaf of `jax.tree_util.tree_leaves(like)`: the norm of the
+    matching leaf of `tree` when it is an array, else `0.`. `tree` may hold `None`
+    where `like` has a non-array leaf (the layout of `eqx.filter_grad`).
+    """
+    like = tree if like is None else like
+    is_none = lambda x: x is None  # noqa: E731
+    values = jtu.tree_leaves(tree, is_leaf=is_none)
+    reference = jtu.tree_leaves(like, is_leaf=is_none)
+    if len(values) != len(reference):
+        raise ValueError("`tree` does not have the structure of `like`.")
+    norms = [
+        jnp.linalg.norm(jnp.ravel(v)) if eqx.is_array(v) else None
+        for v, r in zip(values, reference)
+        if r is not None
+    ]
+    found = [n for n in norms if n is not None]
+    dtype = jnp.result_type(*found) if found else jnp.result_type(float)
+    return jnp.asarray(
+        [jnp.zeros((), dtype) if n is None else n for n in norms], dtype=dtype
+    )
+
+
+def compute_param_norms(params: PyTree) -> tuple[Array, Array | None]:
+    """L2 norm of every leaf of a model and of its skip model.
+
+    **Arguments:**
+
+    - `params`: `(model, skip_model)`; `skip_model` may be `None`.
+
+    **Returns:**
+
+    `(model_norms, skip_model_norms)`: `model_norms` has one entry per leaf of
+    `jax.tree_util.tree_leaves(model)`, the L2 norm of an array leaf and `0.` for
+    any other leaf (e.g. the activation function inside an `eqx.nn.Lambda`);
+    `skip_model_norms` likewise, or `None` when `skip_model` is `None`.
+
+    **Raises:**
+
+    `TypeError` if `params` is not a `(model, skip_model)` pair.
+    """
+    if not isinstance(params, (tuple, list)) or len(params) != 2:
+        raise TypeError(
+            "`params` must be the pair `(model, skip_model)`, got "
+            f"{type(params).__name__} {params!r:.80}."
+        )
+    model, skip_model = params
+    return leaf_norms(model), None if skip_model is None else leaf_norms(skip_model)

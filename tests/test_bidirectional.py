@@ -53,12 +53,23 @@ def ref_terms(pb, activities=None, top_down=None, bottom_up=None, a_f=1.0, a_b=1
     a_top = ref_scalings(
         pb["param_type"], D=D_X, fan_ins=[D_X] + [N] * (L - 1), skip_flags=flags
     )
-    a_bot = ref_scalings(pb["param_type"], D=D_Y, fan_ins=[D_Y] + [N] * (L - 1))[::-1]
+    # skips act in both directions: entry j (1 <= j <= H - 1) also skips z_{j+1}
+    # down into z_j
+    down_flags = [f and 1 <= j <= L - 2 for j, f in enumerate(flags)]
+    a_bot = ref_scalings(
+        pb["param_type"],
+        D=D_Y,
+        fan_ins=[D_Y] + [N] * (L - 1),
+        skip_flags=down_flags[::-1],
+    )[::-1]
     fwd, bwd = [], []
     for j in range(L):
         s = None if skip is None else skip[j : j + 1]
+        s_down = s if down_flags[j] else None
         pred_up = ref_forward(f[j : j + 1], zs[j], skip_model=s, scalings=[a_top[j]])[0]
-        pred_down = ref_forward(g[j : j + 1], zs[j + 1], scalings=[a_bot[j]])[0]
+        pred_down = ref_forward(
+            g[j : j + 1], zs[j + 1], skip_model=s_down, scalings=[a_bot[j]]
+        )[0]
         fwd.append(a_f * 0.5 * jnp.sum((zs[j + 1] - pred_up) ** 2) / B)
         bwd.append(a_b * 0.5 * jnp.sum((zs[j] - pred_down) ** 2) / B)
     return fwd, bwd
@@ -103,7 +114,9 @@ def test_bpc_energy_matches_formula(key, case):
         **w,
     )
     fwd, bwd = ref_terms(pb, a_f=0.7, a_b=0.3)
-    np.testing.assert_allclose(layers, np.array([fwd, bwd]), rtol=1e-12)
+    # [E_td(y), E_bu(x), E_td(z_1), E_bu(z_1), ..., E_td(z_H), E_bu(z_H)]
+    flat = [fwd[-1], bwd[0]] + [e for j in range(L - 1) for e in (fwd[j], bwd[j + 1])]
+    np.testing.assert_allclose(layers, np.array(flat), rtol=1e-12)
     np.testing.assert_allclose(jnp.sum(layers), got, rtol=1e-12)
 
 
@@ -193,8 +206,8 @@ def test_updates_are_optax_steps(key):
     out = jpc.update_bpc_params(
         *models,
         pb["activities"],
-        optims,
-        states,
+        *optims,
+        *states,
         pb["y"],
         input=pb["x"],
         skip_model=pb["skip_model"],
@@ -228,7 +241,7 @@ def test_inference_then_learning_lowers_energy(key):
     optims = (optax.sgd(0.05), optax.sgd(0.05))
     models = (pb["top_down"], pb["bottom_up"])
     states = tuple(o.init(eqx.filter(m, eqx.is_array)) for o, m in zip(optims, models))
-    out = jpc.update_bpc_params(*models, acts, optims, states, pb["y"], input=pb["x"])
+    out = jpc.update_bpc_params(*models, acts, *optims, *states, pb["y"], input=pb["x"])
     before = ref_energy(dict(pb), acts)
     after = ref_energy(dict(pb), acts, *out["models"])
     assert float(after) < float(before)
@@ -280,17 +293,16 @@ def test_errors_raise(key):
     td, bu, acts, y = pb["top_down"], pb["bottom_up"], pb["activities"], pb["y"]
     with pytest.raises(ValueError, match="`bottom_up_model` must have one layer per"):
         jpc.bpc_energy_fn(td, bu[:-1], acts, y, x=pb["x"])
-    with pytest.raises(ValueError, match="`activities` must have 3 entries"):
-        jpc.bpc_energy_fn(td, bu, acts[:-1], y, x=pb["x"])
+    with pytest.raises(ValueError, match="`activities` must have 2 entries"):
+        jpc.bpc_energy_fn(td, bu, acts[:-2], y, x=pb["x"])
     with pytest.raises(ValueError, match="`param_type` must be one of"):
         jpc.bpc_energy_fn(td, bu, acts, y, x=pb["x"], param_type="mup")
     wrong = jpc.make_mlp(jr.PRNGKey(3), D_Y, N, L, D_X + 1, "tanh")[::-1]
     with pytest.raises(ValueError, match="`bottom_up_model`, applied from `y`"):
         jpc.bpc_energy_fn(td, wrong, acts, y, x=pb["x"])
-    with pytest.raises(TypeError, match="`optims` must be a pair"):
-        jpc.update_bpc_params(
-            td, bu, acts, optax.sgd(0.1), (None, None), y, input=pb["x"]
-        )
+    optim = optax.sgd(0.1)
+    with pytest.raises(TypeError, match="`bottom_up_optim` must be an optax"):
+        jpc.update_bpc_params(td, bu, acts, optim, None, None, None, y, input=pb["x"])
 
 
 def test_update_batch_errors_name_input_and_output(key):
@@ -304,6 +316,4 @@ def test_update_batch_errors_name_input_and_output(key):
         )
     states = tuple(optim.init(eqx.filter(m, eqx.is_array)) for m in (td, bu))
     with pytest.raises(ValueError, match=match):
-        jpc.update_bpc_params(
-            td, bu, acts, (optim, optim), states, y, input=pb["x"][:2]
-        )
+        jpc.update_bpc_params(td, bu, acts, optim, optim, *states, y, input=pb["x"][:2])

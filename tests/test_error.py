@@ -79,12 +79,13 @@ def energy(p, errors, **kw):
 
 
 def test_init_epc_errors_layouts():
+    # len(layer_sizes) - 1 arrays; supervised ends with the never-read output slot
     sup = jpc.init_epc_errors([4, 5, 6, 3], 2)
-    assert [e.shape for e in sup] == [(2, 5), (2, 6)]
+    assert [e.shape for e in sup] == [(2, 5), (2, 6), (2, 3)]
     uns = jpc.init_epc_errors([4, 5, 6, 3], 2, mode="unsupervised")
     assert [e.shape for e in uns] == [(2, 4), (2, 5), (2, 6)]
     conv = jpc.init_epc_errors([(1, 4, 4), (2, 3, 3), 3], 2)
-    assert [e.shape for e in conv] == [(2, 2, 3, 3)]
+    assert [e.shape for e in conv] == [(2, 2, 3, 3), (2, 3)]
     for e in [*sup, *uns, *conv]:
         assert not np.any(np.asarray(e))
 
@@ -175,7 +176,8 @@ def newton_min(f, tree, iters=40):
 def test_equilibrium_energy_equals_pc(key, case):
     """SPEC §6.3/§11.3: minimising over ε reaches PC's equilibrium energy, not 0."""
     p, _ = make_problem(key, case)
-    zeros = jpc.init_epc_errors(p.widths, p.B)
+    # hidden errors only: the output slot is never read (no curvature for Newton)
+    zeros = jpc.init_epc_errors(p.widths, p.B)[:-1]
     eps_star = newton_min(lambda e: energy(p, e), zeros)
     pc_star = ref_equilibrium(p)
     e_epc, e_pc = energy(p, eps_star), p.ref(pc_star)

@@ -63,12 +63,14 @@ def test_hpc_energy_matches_formula(key, supervised):
     label = labels if supervised else None
     amort = ref_amort(amortiser, generator, obs)
     equilib = equilibrium_like(jr.PRNGKey(7), supervised)
-    got = jpc.hpc_energy_fn(amortiser, equilib, amort, obs, label)
+    # the library takes the free activities in amortiser order: [z_{L-1}, ..., z_0]
+    amortiser_order = equilib[-2::-1]
+    got = jpc.hpc_energy_fn(amortiser, amortiser_order, amort, obs, label)
     np.testing.assert_allclose(
         got, ref_hpc(amortiser, equilib, amort, obs, label), rtol=1e-12
     )
     layers = jpc.hpc_energy_fn(
-        amortiser, equilib, amort, obs, label, record_layers=True
+        amortiser, amortiser_order, amort, obs, label, record_layers=True
     )
     terms = ref_hpc_terms(amortiser, equilib, amort, obs, label)[
         ::-1
@@ -80,7 +82,8 @@ def test_hpc_energy_vanishes_at_amortised_guesses(key):
     """Regressing the amortiser's own feedforward guesses costs nothing."""
     generator, amortiser, obs, _ = make_problem(key)
     amort = jpc.init_activities_with_amort(amortiser, generator, obs)
-    assert float(jpc.hpc_energy_fn(amortiser, amort, amort, obs)) < 1e-20
+    guesses = amort[-2::-1]  # [ẑ_{L-1}, ..., ẑ_0], amortiser order
+    assert float(jpc.hpc_energy_fn(amortiser, guesses, amort, obs)) < 1e-20
 
 
 @pytest.mark.parametrize("supervised", [True, False])
@@ -89,7 +92,7 @@ def test_hpc_param_grads_against_autodiff_and_fd(key, supervised):
     label = labels if supervised else None
     amort = ref_amort(amortiser, generator, obs)
     equilib = equilibrium_like(jr.PRNGKey(8), supervised)
-    grads = jpc.compute_hpc_param_grads(amortiser, equilib, amort, obs, label)
+    grads = jpc.compute_hpc_param_grads(amortiser, equilib[-2::-1], amort, obs, label)
 
     def f(m):
         return ref_hpc(m, equilib, amort, obs, label)
@@ -126,8 +129,13 @@ def hand_hpc_step(generator, amortiser, optims, states, obs, label, lr, T):
         g_am, states[1], eqx.filter(amortiser, eqx.is_array)
     )
     new_am = eqx.apply_updates(amortiser, updates)
-    losses = (gen_energy(generator, acts), ref_hpc(amortiser, acts, amort, obs, label))
-    return new_gen, new_am, (s_gen, s_am), acts, losses
+    # losses of the JPC library: mean squared errors of the feedforward predictions
+    gen_loss = None
+    if label is not None:
+        gen_loss = jnp.mean((obs - ref_forward(generator, label)[-1]) ** 2)
+    target = label if label is not None else acts[0]
+    am_loss = jnp.mean((target - amort[0]) ** 2)
+    return new_gen, new_am, (s_gen, s_am), (amort, acts), (gen_loss, am_loss)
 
 
 @pytest.mark.parametrize("supervised", [True, False])
@@ -156,14 +164,22 @@ def test_make_hpc_step_equals_hand_loop(key, supervised):
         "losses",
         "energies",
     }
-    gen, am, ref_states, acts, losses = hand_hpc_step(
+    gen, am, ref_states, (amort, acts), losses = hand_hpc_step(
         generator, amortiser, optims, states, obs, label, lr, T
     )
     assert_trees_close(out["generator"], gen, rtol=1e-10, atol=1e-14)
     assert_trees_close(out["amortiser"], am, rtol=1e-10, atol=1e-14)
     assert_trees_close(out["opt_states"], ref_states, rtol=1e-10, atol=1e-14)
-    assert_trees_close([a[-1] for a in out["activities"]][:-1], acts[:-1], rtol=1e-10)
-    np.testing.assert_allclose(out["losses"], losses, rtol=1e-10)
+    out_amort, out_equilib = out["activities"]
+    assert_trees_close(list(out_amort), amort, rtol=1e-12)
+    assert all(a.shape[0] == 1 for a in out_equilib)  # leading time axis
+    assert_trees_close([a[-1] for a in out_equilib][:-1], acts[:-1], rtol=1e-10)
+    if supervised:
+        np.testing.assert_allclose(out["losses"][0], losses[0], rtol=1e-10)
+    else:
+        assert out["losses"][0] is None and losses[0] is None
+    np.testing.assert_allclose(out["losses"][1], losses[1], rtol=1e-10)
+    assert out["energies"] == (None, None)
 
 
 def test_make_hpc_step_reduces_losses_on_fixed_batch(key):
@@ -191,9 +207,10 @@ def test_make_hpc_step_reduces_losses_on_fixed_batch(key):
         history.append([float(v) for v in out["losses"]])
     first, last = history[0], history[-1]
     assert last[0] < 0.7 * first[0] and last[1] < 0.7 * first[1]
-    energies = out["energies"]
+    energies, amortiser_energies = out["energies"]
     t = int(out["t_max"])
     assert energies.shape[0] == L and np.all(np.isfinite(energies[:, : t + 1]))
+    assert amortiser_energies.shape == (L,)
 
 
 @pytest.mark.slow
@@ -223,8 +240,10 @@ def test_errors_raise(key):
     amort = jpc.init_activities_with_amort(amortiser, generator, obs)
     with pytest.raises(ValueError, match="`amortiser` must have one layer per layer"):
         jpc.init_activities_with_amort(amortiser[:-1], generator, obs)
-    with pytest.raises(ValueError, match="`equilib_activities` must have 3 entries"):
+    with pytest.raises(ValueError, match="`equilib_activities` must have 2 entries"):
         jpc.hpc_energy_fn(amortiser, amort, amort, obs, labels)
+    with pytest.raises(ValueError, match="`equilib_activities` must have 3 entries"):
+        jpc.hpc_energy_fn(amortiser, amort, amort, obs)
     with pytest.raises(ValueError, match="`amort_activities` must have 4 entries"):
         jpc.hpc_energy_fn(amortiser, amort, amort[1:], obs)
     with pytest.raises(ValueError, match="must have the same batch size"):

@@ -1,11 +1,12 @@
 """Losses, metrics and evaluation helpers (SPEC §5)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import array_leaves, random_problem, ref_output_loss
+from helpers import random_problem, ref_output_loss
 
 import jpc
 
@@ -45,18 +46,27 @@ def test_compute_accuracy_percent():
 
 
 def test_compute_activity_norms():
+    """Batch mean of each example's L2 norm (examples flattened), one per layer."""
     acts = [jnp.array([[3.0, 4.0], [0.0, 0.0]]), jnp.ones((2, 2, 2))]
     np.testing.assert_allclose(
-        np.asarray(jpc.compute_activity_norms(acts)), [5.0, np.sqrt(8.0)], rtol=1e-12
+        np.asarray(jpc.compute_activity_norms(acts)), [2.5, 2.0], rtol=1e-12
     )
 
 
 def test_compute_param_norms(key):
+    """One entry per leaf of tree_leaves(model): array norms, 0 for the others."""
     model = jpc.make_mlp(key, 3, 4, 3, 2, "tanh", use_bias=True)
-    got = np.asarray(jpc.compute_param_norms(model), dtype=float)
-    want = [float(jnp.sqrt(jnp.sum(w**2))) for w in array_leaves(model)]
-    assert len(want) == 6
-    np.testing.assert_allclose(got, want, rtol=1e-12)
+    skip = jpc.make_skip_model(3)
+    got, got_skip = jpc.compute_param_norms((model, None))
+    leaves = jax.tree_util.tree_leaves(model)
+    want = [float(jnp.sqrt(jnp.sum(w**2))) if eqx.is_array(w) else 0.0 for w in leaves]
+    assert len(want) == 9 and want.count(0.0) == 3  # 3 x (act fn, weight, bias)
+    np.testing.assert_allclose(np.asarray(got, dtype=float), want, rtol=1e-12)
+    assert got_skip is None
+    _, skip_norms = jpc.compute_param_norms((model, skip))
+    assert np.asarray(skip_norms).shape == (len(jax.tree_util.tree_leaves(skip)),)
+    with pytest.raises(TypeError, match="`params` must be the pair"):
+        jpc.compute_param_norms(model)
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])

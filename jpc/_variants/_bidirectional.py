@@ -9,14 +9,16 @@ $z_H$ from $y$). The energy is
 
 $$\mathcal{F} = \frac{1}{B}\sum_i \sum_{j=0}^{H}\Big[\frac{\alpha_f}{2}
 \lVert z_{j+1,i} - a_{j+1} f_j(z_{j,i}) - s_j(z_{j,i})\rVert^2
-+ \frac{\alpha_b}{2}\lVert z_{j,i} - g_j(z_{j+1,i})\rVert^2\Big].$$
++ \frac{\alpha_b}{2}\lVert z_{j,i} - g_j(z_{j+1,i})
+- \tilde s_j(z_{j+1,i})\rVert^2\Big],$$
 
-The first sum is $\alpha_f$ times the standard PC energy of the top-down model; the
-second is $\alpha_b$ times the standard PC energy of the reversed bottom-up model
-(input $y$, target $x$), which is how it is computed here.
+with $\tilde s_j = s_j$ for $1 \le j \le H - 1$ (each skip also acts downwards) and
+$0$ otherwise. The first sum is $\alpha_f$ times the standard PC energy of the
+top-down model; the second is $\alpha_b$ times the standard PC energy of the reversed
+bottom-up model (input $y$, target $x$, with the skips $\tilde s$), which is how it is
+computed here.
 """
 
-from collections.abc import Sequence
 from typing import Any, TypedDict
 
 import equinox as eqx
@@ -26,11 +28,11 @@ import optax
 
 from .._checks import (
     PARAM_TYPES,
-    check_activities,
     check_batch,
     check_model,
     check_opt_state,
     check_option,
+    check_sequence,
     traced_floats,
 )
 from .._energies import layer_energies
@@ -45,7 +47,7 @@ from .._types import (
     Scalar,
     SkipModel,
 )
-from ._common import check_pair, optax_update
+from ._common import check_optim, optax_update
 
 
 BPC_FLOATS = ("backward_energy_weight", "forward_energy_weight")
@@ -76,7 +78,15 @@ def _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_mo
             "`bottom_up_model` must have one layer per layer of `top_down_model` "
             f"({len(top_down_model)}), got {len(bottom_up_model)}."
         )
-    check_activities(top_down_model, activities, supervised=x is not None)
+    check_sequence("activities", activities)
+    n_free = len(top_down_model) - 1 if x is not None else len(top_down_model)
+    if len(activities) not in (n_free, n_free + 1):
+        layout = "[z_1, ..., z_H]" if x is not None else "[z_0, z_1, ..., z_H]"
+        raise ValueError(
+            f"`activities` must have {n_free} entries {layout} for "
+            f"{len(top_down_model)}-layer models, or {n_free + 1} with a trailing "
+            f"output slot, got {len(activities)}."
+        )
     check_batch(y, x, activities)
 
 
@@ -92,18 +102,43 @@ def _check_first_bottom_up_layer(layer, y, index) -> None:
         ) from err
 
 
-def _backward_energies(bottom_up_model, activities, y, x, param_type) -> list:
+def with_output_slot(top_down_model, activities, y, x) -> list:
+    """`activities` with the never-read output slot (filled with `y` if absent)."""
+    n_free = len(top_down_model) - 1 if x is not None else len(top_down_model)
+    activities = list(activities)
+    return activities if len(activities) == n_free + 1 else [*activities, y]
+
+
+def bottom_up_skips(skip_model, n_layers: int) -> list | None:
+    """Skips of the bottom-up model, in its order: entry `j` (predicting hidden
+    `z_j` from `z_{j+1}`, `1 <= j <= H - 1`) reuses `skip_model[j]`, the skip from
+    `z_j` up into `z_{j+1}`."""
+    if skip_model is None:
+        return None
+    return [skip_model[j] if 1 <= j <= n_layers - 2 else None for j in range(n_layers)]
+
+
+def _backward_energies(
+    bottom_up_model, activities, y, x, param_type, skip_model=None
+) -> list:
     """Bottom-up energies in `bottom_up_model` order (entry 0 first)."""
     bottom = x if x is not None else activities[0]
     hidden = activities[:-1] if x is not None else activities[1:-1]
     reversed_model = list(bottom_up_model)[::-1]
+    skips = bottom_up_skips(skip_model, len(bottom_up_model))
+    reversed_skips = None if skips is None else skips[::-1]
     # The reversed model runs y -> z_H -> ... -> z_1 -> bottom; its last activity
     # slot is never read, so `bottom` fills it.
     reversed_activities = [*hidden[::-1], bottom]
     _check_first_bottom_up_layer(reversed_model[0], y, len(reversed_model) - 1)
     try:
         energies = layer_energies(
-            (reversed_model, None), reversed_activities, bottom, y, "mse", param_type
+            (reversed_model, reversed_skips),
+            reversed_activities,
+            bottom,
+            y,
+            "mse",
+            param_type,
         )
     except ValueError as err:
         raise ValueError(
@@ -138,12 +173,16 @@ def bpc_energy_fn(
     - `bottom_up_model`: `H + 1` layers listed from the bottom: entry 0 predicts
         `x` from `z_1`, entry `j` predicts `z_j` from `z_{j+1}`, the last predicts
         `z_H` from `y`.
-    - `activities`: `[z_1, ..., z_H, slot]` (supervised) or `[z_0, z_1, ..., z_H,
-        slot]` (unsupervised, `x=None`: the bottom activity `z_0` is free and both
-        networks' terms reach it); the trailing output slot is never read.
+    - `activities`: the hidden activities `[z_1, ..., z_H]` (supervised) or
+        `[z_0, z_1, ..., z_H]` (unsupervised, `x=None`: the bottom activity `z_0`
+        is free and both networks' terms reach it), optionally followed by an
+        output slot that is never read (both layouts give the same energy; the
+        output term always uses $z_H$).
     - `y`: target clamping the top; `x`: input clamping the bottom, or `None`.
-    - `skip_model`: optional skips of the top-down model (the bottom-up model has
-        none).
+    - `skip_model`: optional skips, used in both directions: entry `j` adds
+        $s_j(z_j)$ to the top-down prediction of $z_{j+1}$ (as in PC) and, for
+        $1 \le j \le H - 1$, $s_j(z_{j+1})$ to the bottom-up prediction of
+        $z_j$.
     - `param_type`: parameterisation of both networks, each with its own input
         (`x` for the top-down, `y` for the bottom-up model).
     - `record_layers`: return the weighted per-layer energies instead of the sum.
@@ -151,10 +190,11 @@ def bpc_energy_fn(
 
     **Returns:**
 
-    A scalar; with `record_layers=True` a `(2, H + 1)` array whose row 0 holds the
-    weighted top-down energies in `top_down_model` order and row 1 the weighted
-    bottom-up energies in `bottom_up_model` order, so that column `j` holds the two
-    errors between $z_j$ and $z_{j+1}$; the entries sum to the energy.
+    A scalar; with `record_layers=True` the flat array of the JPC library's
+    layout, `2 (H + 1)` weighted terms each divided by `B`: `[E_td(y), E_bu(x),
+    E_td(z_1), E_bu(z_1), ..., E_td(z_H), E_bu(z_H)]`, where `E_td(z_l)` is the
+    top-down error of $z_l$ (times $\alpha_f$) and `E_bu(z_l)` its bottom-up error
+    (times $\alpha_b$); the entries sum to the energy.
 
     **Raises:**
 
@@ -163,16 +203,19 @@ def bpc_energy_fn(
     """
     check_option("param_type", param_type, PARAM_TYPES)
     _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_model)
+    activities = with_output_slot(top_down_model, activities, y, x)
     forward = layer_energies(
         (top_down_model, skip_model), activities, y, x, "mse", param_type
     )
-    backward = _backward_energies(bottom_up_model, activities, y, x, param_type)
+    backward = _backward_energies(
+        bottom_up_model, activities, y, x, param_type, skip_model
+    )
     if record_layers:
+        forward = [forward_energy_weight * e for e in forward]
+        backward = [backward_energy_weight * e for e in backward]
+        pairs = zip(forward[:-1], backward[1:])
         return jnp.stack(
-            [
-                forward_energy_weight * jnp.stack(forward),
-                backward_energy_weight * jnp.stack(backward),
-            ]
+            [forward[-1], backward[0], *(e for pair in pairs for e in pair)]
         )
     return forward_energy_weight * sum(forward) + backward_energy_weight * sum(backward)
 
@@ -304,8 +347,10 @@ def update_bpc_params(
     top_down_model: Model,
     bottom_up_model: Model,
     activities: Activities,
-    optims: Sequence[optax.GradientTransformation],
-    opt_states: Sequence[optax.OptState],
+    top_down_optim: optax.GradientTransformation,
+    bottom_up_optim: optax.GradientTransformation,
+    top_down_opt_state: optax.OptState,
+    bottom_up_opt_state: optax.OptState,
     output: Float[Array, "batch ..."],
     *,
     input: Float[Array, "batch ..."] | None = None,
@@ -320,24 +365,31 @@ def update_bpc_params(
 
     - `top_down_model`, `bottom_up_model`, `activities`, `skip_model`,
         `param_type`, the weights: as for [`jpc.bpc_energy_fn`][].
-    - `optims`: `(top_down_optim, bottom_up_optim)`.
-    - `opt_states`: their states, each `optim.init(eqx.filter(model,
-        eqx.is_array))`.
+    - `top_down_optim`, `bottom_up_optim`: the two optimisers.
+    - `top_down_opt_state`, `bottom_up_opt_state`: their states, each
+        `optim.init(eqx.filter(that_model, eqx.is_array))`.
     - `output`, `input`: the clamps `y` and `x`.
 
     **Returns:**
 
     A dict with `models`, `grads` and `opt_states`, each a pair `(top_down,
     bottom_up)`.
+
+    **Raises:**
+
+    `TypeError` if an optimiser is not an `optax.GradientTransformation`;
+    `ValueError` as [`jpc.bpc_energy_fn`][].
     """
     check_batch(output, input, [], y_name="output", x_name="input")
-    optims = check_pair("optims", optims)
-    opt_states = check_pair("opt_states", opt_states)
-    for i, (which, model) in enumerate(
-        (("top_down", top_down_model), ("bottom_up", bottom_up_model))
+    optims = (top_down_optim, bottom_up_optim)
+    opt_states = (top_down_opt_state, bottom_up_opt_state)
+    for name, optim in zip(("top_down_optim", "bottom_up_optim"), optims):
+        check_optim(name, optim)
+    for which, model, optim, opt_state in zip(
+        ("top_down", "bottom_up"), (top_down_model, bottom_up_model), optims, opt_states
     ):
         how = f"{which}_optim.init(eqx.filter({which}_model, eqx.is_array))"
-        check_opt_state(optims[i], opt_states[i], model, f"opt_states[{i}]", how)
+        check_opt_state(optim, opt_state, model, f"{which}_opt_state", how)
     _, grads = _models_value_and_grad(
         top_down_model,
         bottom_up_model,

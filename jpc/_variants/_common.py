@@ -27,3 +27,12 @@ def check_pair(name: str, value: Any) -> tuple[Any, Any]:
             f"{type(value).__name__} {value!r:.80}."
         )
     return value[0], value[1]
+
+
+def check_optim(name: str, value: Any) -> None:
+    """Raise a `TypeError` unless `value` is an optax optimiser."""
+    if not isinstance(value, optax.GradientTransformation):
+        raise TypeError(
+            f"`{name}` must be an optax optimiser (a `GradientTransformation`), got "
+            f"{type(value).__name__} {value!r:.80}."
+        )

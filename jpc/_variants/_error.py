@@ -78,12 +78,16 @@ def init_epc_errors(
 
     **Returns:**
 
-    Supervised: `[ε_1, ..., ε_{L-1}]`, one `(B, d_l)` zero array per hidden layer
-    (`L - 1` arrays; there is no output error). Unsupervised: `[z_0, ε_1, ...,
-    ε_{L-1}]`, whose first entry is the free latent $z_0$ itself (not an error, and
-    not penalised by the energy, exactly as standard PC puts no prior on $z_0$),
-    also initialised to zero; replace it with a random draw if zero is a
-    degenerate starting point for your network.
+    `len(layer_sizes) - 1` zero arrays, as in the JPC library. Supervised:
+    `[ε_1, ..., ε_{L-1}, slot]`, one `(B, d_l)` array per hidden layer, then a
+    `(B, d_L)` output slot that the energy never reads and whose gradient is
+    always zero: the output error stays clamped (no free output error, so the
+    energy cannot collapse to zero). Unsupervised: `[z_0, ε_1, ..., ε_{L-1}]`,
+    whose first entry is the free latent $z_0$ itself (not an error, and not
+    penalised by the energy, exactly as standard PC puts no prior on $z_0$), also
+    initialised to zero; replace it with a random draw if zero is a degenerate
+    starting point for your network. Every ePC function accepts these lists with
+    or without a trailing output slot.
 
     **Raises:**
 
@@ -101,20 +105,26 @@ def init_epc_errors(
             "`layer_sizes` must list the input and output sizes at least, got "
             f"{layer_sizes!r}."
         )
-    sizes = layer_sizes[1:-1] if mode == "supervised" else layer_sizes[:-1]
+    sizes = layer_sizes[1:] if mode == "supervised" else layer_sizes[:-1]
     return [jnp.zeros((batch_size, *_as_shape(size))) for size in sizes]
 
 
 def _split_errors(model, errors, x):
-    """`(z_0, hidden_errors, name of z_0)`; unsupervised, `z_0` is `errors[0]`."""
+    """`(z_0, hidden_errors, name of z_0)`; unsupervised, `z_0` is `errors[0]`.
+
+    A trailing output slot (one entry more than the hidden errors) is dropped: it
+    is never read, so its gradient is zero.
+    """
     check_sequence("errors", errors)
     expected = len(model) - 1 if x is not None else len(model)
-    if len(errors) != expected:
+    if len(errors) not in (expected, expected + 1):
         layout = "[ε_1..ε_{L-1}]" if x is not None else "[z_0, ε_1..ε_{L-1}]"
         raise ValueError(
             f"`errors` must have {expected} entries {layout} for a {len(model)}-layer "
-            f"model, got {len(errors)}."
+            f"model, or {expected + 1} with a trailing output slot, got "
+            f"{len(errors)}."
         )
+    errors = list(errors[:expected])
     if x is not None:
         return x, list(errors), "x"
     return errors[0], list(errors[1:]), "errors[0]"
@@ -169,7 +179,8 @@ def epc_energy_fn(
 
     - `params`: `(model, skip_model)`.
     - `errors`: `[ε_1, ..., ε_{L-1}]` (supervised) or `[z_0, ε_1, ..., ε_{L-1}]`
-        (unsupervised), see [`jpc.init_epc_errors`][].
+        (unsupervised), optionally followed by an output slot that is never read
+        (see [`jpc.init_epc_errors`][]).
     - `y`: target clamping the output.
     - `x`: input; `None` for unsupervised (the latent is then `errors[0]`).
     - `loss`: `"mse"` or `"ce"` output term $\ell$.

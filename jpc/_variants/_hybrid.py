@@ -15,10 +15,12 @@ $k$ guesses the generator activity $z_{L-k}$. One training step:
    layer fed its own feedforward input $\hat z_{l+1}$ ($\hat z_L$ = the
    observation), not the equilibrium; the top target is the label when given.
 
-Layouts, in generator order (prior first): amortised activities
-`[ẑ_0, ..., ẑ_{L-1}, prediction]`; equilibrium activities `[z_1, ..., z_L]` when
-the label is given (supervised, `z_0` clamped to it) and `[z_0, ..., z_L]`
-otherwise, exactly as for [`jpc.pc_energy_fn`][].
+Layouts, as in the JPC library: amortised activities in generator order (prior
+first), `[ẑ_0, ..., ẑ_{L-1}, prediction]`; the generator's inference runs on
+`[z_1, ..., z_L]` when the label is given (supervised, `z_0` clamped to it) and
+`[z_0, ..., z_L]` otherwise, exactly as for [`jpc.pc_energy_fn`][]; the amortiser
+loss reads the generator's free activities in amortiser order, `[z_{L-1}, ...,
+z_1]` (and `z_0` last when there is no label).
 """
 
 from collections.abc import Sequence
@@ -69,10 +71,10 @@ class HPCStepResult(TypedDict):
     generator: Any
     amortiser: Any
     opt_states: tuple[optax.OptState, optax.OptState]
-    activities: list[Array]
+    activities: tuple[list[Array], list[Array]]
     t_max: Array | None
-    losses: tuple[Float[Array, ""], Float[Array, ""]]
-    energies: Array | None
+    losses: tuple[Float[Array, ""] | None, Float[Array, ""]]
+    energies: tuple[Array | None, Array | None]
 
 
 def _check_pair_of_models(amortiser, generator) -> None:
@@ -127,15 +129,23 @@ def _amortise_observation(amortiser, generator, output) -> list:
 
 
 def _targets(equilib_activities, n_layers, y) -> list:
-    expected = n_layers if y is not None else n_layers + 1
+    """Targets of the amortiser's layers, in amortiser order (its layer 1 first)."""
+    expected = n_layers - 1 if y is not None else n_layers
     if len(equilib_activities) != expected:
-        mode = "with the label `y`" if y is not None else "without a label (`y=None`)"
+        if y is not None:
+            layout = "[z_{L-1}, ..., z_1] (amortiser order) with the label `y`"
+        else:
+            layout = "[z_{L-1}, ..., z_1, z_0] (amortiser order) without a label"
         raise ValueError(
-            f"`equilib_activities` must have {expected} entries for a {n_layers}-layer "
-            f"generator {mode}, got {len(equilib_activities)}."
+            f"`equilib_activities` must have {expected} entries {layout} for a "
+            f"{n_layers}-layer amortiser, got {len(equilib_activities)}."
         )
-    hidden = list(equilib_activities[:-1])
-    return [y, *hidden] if y is not None else hidden
+    return [*equilib_activities, y] if y is not None else list(equilib_activities)
+
+
+def amortiser_order(activities) -> list:
+    """Generator activities `[(z_0,) z_1, ..., z_L]` → free ones in amortiser order."""
+    return list(activities[:-1])[::-1]
 
 
 def _amortiser_layer_energies(model, equilib_activities, amort_activities, x, y):
@@ -148,7 +158,7 @@ def _amortiser_layer_energies(model, equilib_activities, amort_activities, x, y)
             f"`init_activities_with_amort`), got {len(amort_activities)}."
         )
     check_batch(x, y, [*equilib_activities, *amort_activities], y_name="x", x_name="y")
-    targets = _targets(equilib_activities, n_layers, y)[::-1]
+    targets = _targets(equilib_activities, n_layers, y)
     inputs = [x, *list(amort_activities[1:n_layers])[::-1]]
     names = ["x"] + [f"amort_activities[{n_layers - k}]" for k in range(1, n_layers)]
     preds = layer_predictions(model, None, [1.0] * n_layers, inputs, names)
@@ -183,8 +193,10 @@ def hpc_energy_fn(
     **Arguments:**
 
     - `model`: the amortiser, `L` layers from the observation to the prior.
-    - `equilib_activities`: the generator's inferred activities, `[z_1..z_L]` when
-        `y` is given, `[z_0..z_L]` otherwise.
+    - `equilib_activities`: the generator's inferred free activities in amortiser
+        order, as in the JPC library: `[z_{L-1}, ..., z_1]` when `y` is given (for
+        generator activities `[z_1, ..., z_L]`, pass `activities[-2::-1]`) and
+        `[z_{L-1}, ..., z_1, z_0]` otherwise.
     - `amort_activities`: as returned by [`jpc.init_activities_with_amort`][].
     - `x`: the observation (the amortiser's input).
     - `y`: optional label, the target of the amortiser's last layer.
@@ -270,10 +282,24 @@ def make_hpc_step(
 
     **Returns:**
 
-    A dict with the updated `generator` and `amortiser`, `opt_states` (a pair),
-    `activities` (trajectory with a leading time axis), `t_max`, `losses` =
-    `(generator_energy, amortiser_loss)` at the inferred equilibrium before the
-    updates, and `energies` (or `None`).
+    A dict, with the layouts of the JPC library:
+
+    - `generator`, `amortiser`: the updated networks; `opt_states`: their states.
+    - `activities`: `(amort_activities, equilib_activities)`: the amortiser's
+        guesses (as [`jpc.init_activities_with_amort`][]) and the generator's
+        inference output, with a leading time axis (length 1 unless recording).
+    - `t_max`: the row of the final state when recording, else `None`.
+    - `losses`: `(generator_loss, amortiser_loss)` before the updates:
+        `mean((output - generator(input))²)` of the generator's feedforward
+        prediction from `input` (`None` when `input` is `None`) and
+        `mean((target - ẑ_0)²)` of the amortiser's top guess, the target being
+        `input` or, without it, the generator's inferred $z_0$ (means over batch
+        and features).
+    - `energies`: `(generator_energies, amortiser_energies)`, both `None` unless
+        `record_energies`: then the generator's per-layer energies along the
+        inference (as [`jpc.compute_infer_energies`][]) and the amortiser's
+        per-layer terms at the equilibrium (as [`jpc.hpc_energy_fn`][] with
+        `record_layers=True`).
 
     **Raises:**
 
@@ -314,7 +340,7 @@ def make_hpc_step(
         GENERATOR_ENERGY,
         stop,
     )
-    generator_energy, generator, _, _, generator_state = param_step(
+    _, generator, _, _, generator_state = param_step(
         params,
         final,
         generator_optim,
@@ -323,22 +349,40 @@ def make_hpc_step(
         input,
         **GENERATOR_ENERGY,
     )
-    amortiser_loss, grads = eqx.filter_value_and_grad(hpc_energy_fn)(
-        amortiser, final, amort_activities, output, input
+    equilib = amortiser_order(final)
+    grads = eqx.filter_grad(hpc_energy_fn)(
+        amortiser, equilib, amort_activities, output, input
     )
+    amortiser_before = amortiser
     amortiser, amortiser_state = optax_update(
         amortiser, grads, amortiser_optim, amortiser_state
     )
-    energies = None
+    generator_loss = None
+    if input is not None:
+        prediction = feedforward(params[0], input)[-1]
+        generator_loss = jnp.mean((output - prediction) ** 2)
+    target = input if input is not None else final[0]
+    amortiser_loss = jnp.mean((target - amort_activities[0]) ** 2)
+    energies = (None, None)
     if record_energies:
-        energies = infer_energies(params, trajectory, t_max, output, input, "mse", "sp")
+        energies = (
+            infer_energies(params, trajectory, t_max, output, input, "mse", "sp"),
+            hpc_energy_fn(
+                amortiser_before,
+                equilib,
+                amort_activities,
+                output,
+                input,
+                record_layers=True,
+            ),
+        )
     return HPCStepResult(
         generator=generator,
         amortiser=amortiser,
         opt_states=(generator_state, amortiser_state),
-        activities=trajectory,
+        activities=(amort_activities, trajectory),
         t_max=t_max,
-        losses=(generator_energy, amortiser_loss),
+        losses=(generator_loss, amortiser_loss),
         energies=energies,
     )
 

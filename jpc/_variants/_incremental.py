@@ -219,6 +219,6 @@ def make_ipc_step(
         activity_norms=compute_activity_norms(final) if activity_norms else None,
         model_param_norms=_norms(param_norms, new_model),
         skip_model_param_norms=_norms(param_norms, new_skip),
-        model_grad_norms=_norms(grad_norms, grads[0]),
-        skip_model_grad_norms=_norms(grad_norms, grads[1]),
+        model_grad_norms=_norms(grad_norms, grads[0], new_model),
+        skip_model_grad_norms=_norms(grad_norms, grads[1], new_skip),
     )
