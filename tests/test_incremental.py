@@ -257,17 +257,30 @@ def test_unsupervised_and_batch_errors_name_the_arguments(key):
         )
 
 
+def _diverging_ipc_step(p, optim):
+    return jpc.make_ipc_step(
+        p.model,
+        optim,
+        init_param_opt(optim, p.model),
+        p.y,
+        input=p.x,
+        activity_optim=optax.sgd(1e300),
+        n_inference_steps=5,
+    )
+
+
 def test_non_finite_step_raises(key):
-    """A diverging inference is reported at the call (SPEC §2), not returned."""
+    """A diverging inference is reported, not returned: at the call with the
+    `"call"` timing, at the next call with the default timing."""
     p = random_problem(key, WIDTHS, 3)
     optim = optax.sgd(0.1)
-    with pytest.raises(eqx.EquinoxRuntimeError, match="not finite"):
-        jpc.make_ipc_step(
-            p.model,
-            optim,
-            init_param_opt(optim, p.model),
-            p.y,
-            input=p.x,
-            activity_optim=optax.sgd(1e300),
-            n_inference_steps=5,
-        )
+    previous = jpc.set_step_error_timing("call")
+    try:
+        with pytest.raises(eqx.EquinoxRuntimeError, match="not finite"):
+            _diverging_ipc_step(p, optim)
+    finally:
+        jpc.set_step_error_timing(previous)
+    result = _diverging_ipc_step(p, optim)  # default timing: the call returns
+    assert not jnp.all(jnp.isfinite(result["model"][0][1].weight))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="previous call"):
+        _diverging_ipc_step(p, optim)

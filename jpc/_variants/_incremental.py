@@ -27,6 +27,7 @@ from .._checks import (
     traced_floats,
 )
 from .._energies import layer_energies
+from .._jit import deferred_checks, error_if
 from .._train import (
     PCStepResult,
     _norms,
@@ -87,6 +88,7 @@ def incremental_inference(
 
 
 @traced_floats(*ENERGY_FLOATS, "sigma", "activity_lr")
+@deferred_checks  # a failed check is raised at the next call by default
 def make_ipc_step(
     model: Model,
     optim: optax.GradientTransformation,
@@ -198,7 +200,7 @@ def make_ipc_step(
     )
     leaves = jtu.tree_leaves(eqx.filter(grads, eqx.is_inexact_array))
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in leaves]))
-    new_model = eqx.error_if(
+    new_model = error_if(
         new_model,
         ~finite,
         "make_ipc_step: the parameter gradient at the last inference step is not "
