@@ -395,7 +395,8 @@ def ode_solver_steps(p: Problem, max_t1: float) -> dict[str, Any]:
     vs a fixed-horizon diffrax solve of the same vector field to `max_t1`.
 
     Public API only: jpc's count is the last recorded row of a `record_iters`
-    solve (`jpc.get_t_max`), with `max_steps` large enough for a long horizon.
+    solve (`jpc.get_t_max` + 1: row k holds the state after step k + 1), with
+    `max_steps` large enough for a long horizon.
     """
     controller = dfx.PIDController(rtol=1e-3, atol=1e-3)
     z0 = jpc.init_activities_with_ffwd(p.model, p.x)
@@ -410,7 +411,7 @@ def ode_solver_steps(p: Problem, max_t1: float) -> dict[str, Any]:
     )  # fmt: skip
     return {
         "max_t1": max_t1,
-        "stop_steps": int(jpc.get_t_max(recorded)),
+        "stop_steps": int(jpc.get_t_max(recorded)) + 1,  # row k: after step k + 1
         "fixed_steps": int(sol.stats["num_accepted_steps"]),
         "fixed_t_end": float(sol.ts[-1]),
     }

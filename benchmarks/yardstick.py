@@ -1,11 +1,12 @@
-"""The yardstick: a minimal pure-JAX PC training step and backprop step (SPEC §12).
+"""The yardstick: a minimal pure-JAX PC training step and backprop step.
 
 Parameters are a list of `(W, b)` with `W` of shape `(out, in)` (the layout of
 `eqx.nn.Linear`), layer `l` predicts `z_l = W_l φ_l(z_{l-1}) + b_l` with `φ_1` the
 identity (the layout of `jpc.make_mlp`). One `jax.jit` holds the whole step: the
 feedforward initialisation, `T` SGD steps on the hidden activities in a
 `lax.fori_loop`, the parameter gradient at the final state and an Adam update.
-The energy is SPEC §3.1 with the batch-mean normalisation and an MSE output term.
+The energy is the standard PC energy with the batch-mean normalisation and an
+MSE output term.
 No jpc code is used here.
 """
 

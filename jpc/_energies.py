@@ -1,4 +1,4 @@
-"""The standard predictive-coding energy (SPEC §3.1)."""
+"""The standard predictive-coding energy."""
 
 from typing import Any
 
@@ -176,7 +176,7 @@ def pc_energy_fn(
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
 ) -> Float[Array, ""] | Float[Array, " layers"]:
-    r"""Batch-mean predictive-coding energy $\mathcal{F}$ (SPEC §3.1).
+    r"""Batch-mean predictive-coding energy $\mathcal{F}$.
 
     $$\mathcal{F} = \frac{1}{B}\sum_i\Big[\frac{\lambda}{2}\lVert y_i
     - a_L f_L(z_{L-1,i})\rVert^2 + \sum_{l<L}\frac{1}{2}\lVert z_{l,i}

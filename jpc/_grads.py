@@ -29,7 +29,7 @@ def compute_pc_activity_grad(
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
 ) -> tuple[Float[Array, ""], list[Array]]:
-    r"""Energy and its gradient $\partial\mathcal{F}/\partial z_l$ (SPEC §3.2).
+    r"""Energy and its gradient $\partial\mathcal{F}/\partial z_l$.
 
     Arguments as for [`jpc.pc_energy_fn`][] (`loss_id` is its `loss`).
 

@@ -1,4 +1,4 @@
-"""Inference as gradient flow, solved with diffrax (SPEC §4.1)."""
+"""Inference as gradient flow, solved with diffrax."""
 
 import math
 from typing import Any
@@ -333,7 +333,7 @@ def solve(
         throw=False,
     )
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
-    # batch-sharded trajectory is never gathered onto one device (SPEC §9).
+    # batch-sharded trajectory is never gathered onto one device.
     return check_solution(sol, args, n_steps, max_t1, caller)
 
 

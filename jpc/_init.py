@@ -21,7 +21,7 @@ def init_activities_with_ffwd(
 ) -> list[Float[Array, "batch ..."]]:
     """Initialise the activities with a feedforward pass from `input`.
 
-    At this state every hidden prediction error is zero (SPEC §3.2).
+    At this state every hidden prediction error is zero.
 
     **Arguments:**
 

@@ -76,9 +76,9 @@ def _fan_in(layer: Layer, name: str) -> int:
 def _output_fan_in(model: Model) -> int:
     """`N` of `a_L`: the fan-in of the last layer's weight.
 
-    SPEC §3.3 only asks the first and hidden layers to expose a weight, so when the
-    last one has none (e.g. a plain function), `N` is the width of `z_{L-1}`, read
-    as the output size (first axis) of the previous layer's weight.
+    The parameterisations only ask the first and hidden layers to expose a weight,
+    so when the last one has none (e.g. a plain function), `N` is the width of
+    `z_{L-1}`, read as the output size (first axis) of the previous layer's weight.
     """
     last = len(model) - 1
     if _matrix(model[last]) is not None:
@@ -97,7 +97,7 @@ def get_param_scalings(
     param_type: ParamType = "sp",
     gamma: Any = None,
 ) -> list[Any]:
-    r"""Per-layer scalings $a_l$ of the parameterisation `param_type` (SPEC §3.3).
+    r"""Per-layer scalings $a_l$ of the parameterisation `param_type`.
 
     | `param_type` | $a_1$ | hidden $a_l$ | hidden $a_l$ with a skip | $a_L$ |
     |---|---|---|---|---|

@@ -1,4 +1,4 @@
-r"""Perturbation estimators of the gradient: weight and node perturbation (SPEC §7).
+r"""Perturbation estimators of the gradient: weight and node perturbation.
 
 Both estimate the gradient of the batch-mean output loss of a list-of-layers model
 from loss changes under random perturbations, $S$ perturbations at a time in

@@ -1,4 +1,4 @@
-r"""Other local learning rules on list-of-layers MLPs (SPEC §7).
+r"""Other local learning rules on list-of-layers MLPs.
 
 Feedback alignment (Lillicrap et al. 2016) and Kolen–Pollack (Akrout et al. 2019)
 updates for the batch-mean output loss ([`jpc.mse_loss`][] or

@@ -1,4 +1,4 @@
-"""Data parallelism on a device mesh (SPEC §9): shard the batch, replicate the rest.
+"""Data parallelism on a device mesh: shard the batch, replicate the rest.
 
 The jitted steps need no change: given arrays placed by these helpers, `jax.jit`
 partitions the program over the mesh (SPMD) and inserts the all-reduces that the

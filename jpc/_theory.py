@@ -1,4 +1,4 @@
-r"""Closed-form theory for deep linear PC networks (SPEC §8).
+r"""Closed-form theory for deep linear PC networks.
 
 For a network of linear layers $f_l(z) = W_l z$ (no biases) with the scalings $a_l$ of
 [`jpc.get_param_scalings`][], optional identity skips and output precision $\lambda$,
@@ -166,7 +166,7 @@ def compute_linear_equilib_rescaling(
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
 ) -> Float[Array, "d_out d_out"]:
-    r"""The matrix $S$ that rescales the loss at the inference equilibrium (SPEC §8).
+    r"""The matrix $S$ that rescales the loss at the inference equilibrium.
 
     $$S = \frac{I}{\lambda} + \sum_{l=2}^{L} (M_L\cdots M_l)(M_L\cdots M_l)^\top,
     \qquad M_l = a_l W_l + s_l I,$$

@@ -1,4 +1,4 @@
-r"""Activity Hessian and equilibrium activities of deep linear PC networks (SPEC §8).
+r"""Activity Hessian and equilibrium activities of deep linear PC networks.
 
 The per-example energy of a deep linear network is a quadratic in its stacked hidden
 activities $z = (z_1, \dots, z_{L-1})$: $\frac{1}{2}z^\top H z - b^\top z +

@@ -1,4 +1,4 @@
-"""One optax step on the activities or on the parameters (SPEC §4.2)."""
+"""One optax step on the activities or on the parameters."""
 
 from typing import Any, TypedDict
 

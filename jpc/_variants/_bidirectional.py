@@ -1,4 +1,4 @@
-r"""Bidirectional predictive coding, bPC (Oliviers, Tang & Bogacz 2025; SPEC §6.2).
+r"""Bidirectional predictive coding, bPC (Oliviers, Tang & Bogacz 2025).
 
 Two networks share one set of activities $z_0 = x, z_1, \dots, z_H, z_{H+1} = y$
 ($H$ hidden layers): the top-down model $f$ predicts each activity from the one
@@ -160,7 +160,7 @@ def bpc_energy_fn(
     backward_energy_weight: Scalar = 1.0,
     forward_energy_weight: Scalar = 1.0,
 ) -> Float[Array, ""] | Float[Array, "2 layers"]:
-    r"""Batch-mean bidirectional PC energy (SPEC §6.2).
+    r"""Batch-mean bidirectional PC energy.
 
     See the module description for the formula: $\alpha_f$ (`forward_energy_weight`)
     times the top-down prediction errors, output term included, plus $\alpha_b$

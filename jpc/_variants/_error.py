@@ -1,4 +1,4 @@
-r"""Error-based predictive coding, ePC (Goemaere et al. 2025; SPEC §6.3).
+r"""Error-based predictive coding, ePC (Goemaere et al. 2025).
 
 The free variables are the hidden prediction errors $\varepsilon_l$ instead of the
 activities: a forward pass adds $\varepsilon_l$ to each hidden layer's prediction,
@@ -8,9 +8,9 @@ $$z_l = a_l f_l(z_{l-1}) + s_l(z_{l-1}) + \varepsilon_l \quad (l < L), \qquad
 
 and the energy is $\frac{1}{B}\sum_i\big[\sum_{l<L}\frac12\lVert\varepsilon_{l,i}
 \rVert^2 + \lambda\,\ell(\hat y_i, y_i)\big]$. The output has no free error, so the
-energy cannot collapse to zero (SPEC §11.3): the map $\varepsilon \mapsto z$ is a
-bijection onto the activities of standard PC, under which the two energies agree,
-so both reach the same equilibrium energy.
+energy cannot collapse to zero (the JPC library's ePC leaves it free): the map
+$\varepsilon \mapsto z$ is a bijection onto the activities of standard PC, under
+which the two energies agree, so both reach the same equilibrium energy.
 """
 
 from collections.abc import Sequence
@@ -166,7 +166,7 @@ def epc_energy_fn(
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
 ) -> Float[Array, ""]:
-    r"""Batch-mean ePC energy (SPEC §6.3).
+    r"""Batch-mean ePC energy.
 
     $$\mathcal{F}(\varepsilon) = \frac{1}{B}\sum_i\Big[\sum_{l<L}\frac12
     \lVert\varepsilon_{l,i}\rVert^2 + \lambda\,\ell(\hat y_i(\varepsilon), y_i)\Big],$$

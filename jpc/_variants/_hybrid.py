@@ -1,4 +1,4 @@
-r"""Hybrid (amortised) predictive coding, hPC (Tschantz et al. 2023; SPEC §6.1).
+r"""Hybrid (amortised) predictive coding, hPC (Tschantz et al. 2023).
 
 A *generator* is an ordinary top-down PC network from the prior $z_0$ (e.g. a
 label) to the observation $z_L$ (e.g. an image). An *amortiser* is a bottom-up
@@ -181,7 +181,7 @@ def hpc_energy_fn(
     y: Float[Array, "batch ..."] | None = None,
     record_layers: bool = False,
 ) -> Float[Array, ""] | Float[Array, " layers"]:
-    r"""Amortiser regression loss of hybrid PC (SPEC §6.1).
+    r"""Amortiser regression loss of hybrid PC.
 
     $$\mathcal{L} = \frac1B\sum_i\sum_{l=0}^{L-1}\lVert t_{l,i}
     - g_{L-l}(\hat z_{l+1,i})\rVert^2 \quad(\text{no } \tfrac12),$$

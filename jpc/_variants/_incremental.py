@@ -1,4 +1,4 @@
-r"""Incremental predictive coding, iPC (Salvatori et al., ICLR 2024; SPEC §6.4).
+r"""Incremental predictive coding, iPC (Salvatori et al., ICLR 2024).
 
 Activities and parameters descend the energy together: at every one of the `T`
 inference steps both gradients are taken at the current state $(z_t, \theta_t)$

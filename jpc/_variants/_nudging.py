@@ -1,4 +1,4 @@
-r"""Nudged PC (Pinchetti et al., ICLR 2025 benchmark; SPEC §6.5).
+r"""Nudged PC (Pinchetti et al., ICLR 2025 benchmark).
 
 Instead of clamping the output with weight 1, the output energy is weighted by
 $\pm\beta$ (times the user's `output_energy_scaling` $\lambda$, default 1):

@@ -1,4 +1,4 @@
-r"""Zero-divergence inference learning, Z-IL (Song et al. 2020; SPEC §6.6).
+r"""Zero-divergence inference learning, Z-IL (Song et al. 2020).
 
 Start from a feedforward pass, where every hidden error is zero. Inference step
 $t = 0, \dots, L-1$ reads the parameter gradient of layer $L-t$ at the current
