@@ -24,12 +24,18 @@ of rate/64 at its batch of 64), widths 16 … 2048, T = 8, AdamW(1e-2) on the we
 gradient-variance study at widths 50 … 1600, rate 1e-3, T = 16.
 
 Writes `results.json` and `gradient_analysis.png` to `--out-dir`.
+
+    python -m experiments.gradient_analysis_moons --sweep-timing [--quick]
+
+measures instead how long the whole activity-rate sweep takes with the public
+training step `jpc.make_pc_step` (see `sweep_timing`) and writes `sweep_timing.json`.
 """
 
 import argparse
 import itertools
 import json
 import time
+import warnings
 from pathlib import Path
 
 import equinox as eqx
@@ -107,6 +113,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ratio-width", type=int, default=128, help="width plotted")
     parser.add_argument("--quick", action="store_true", help="3 widths, 3 lrs, 2 ep")
+    parser.add_argument(
+        "--sweep-timing",
+        action="store_true",
+        help="only time the sweep over --activity-lrs at --sweep-width with "
+        "jpc.make_pc_step: a new optimiser per rate, a traced activity_lr, and a "
+        "vmap over the rates (writes sweep_timing.json)",
+    )
+    parser.add_argument("--sweep-width", type=int, default=128)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     args.ratio_study_widths = []
@@ -208,6 +222,212 @@ def run(width, activity_lr, data, args, n_steps=None) -> dict:
         _, acc = jpc.test_discriminative_pc(model, y_test, x_test, loss="ce")
         accs.append(float(acc))
     return {"test_acc": accs, "variance_ratios": ratios, "variances": raw}
+
+
+# ------------------------------------------------------------------ sweep timing
+
+
+class _CompileCounter:
+    """Counts XLA compilations, and the seconds of tracing, lowering and compiling,
+    through `jax.monitoring`."""
+
+    EVENTS = {
+        "/jax/core/compile/backend_compile_duration": "xla_compile_seconds",
+        "/jax/core/compile/jaxpr_trace_duration": "trace_seconds",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_seconds",
+    }
+
+    def __init__(self):
+        self.totals = dict.fromkeys(["xla_compilations", *self.EVENTS.values()], 0)
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **_):
+        if event in self.EVENTS:
+            self.totals[self.EVENTS[event]] += duration
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.totals["xla_compilations"] += 1
+
+    def snapshot(self) -> dict:
+        return dict(self.totals)
+
+
+def _max_rel_diff(tree, ref) -> float:
+    """max |a - b| / max |b| over the leaves (0 where both are the same NaNs)."""
+    worst = 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(ref)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if not np.array_equal(np.isnan(a), np.isnan(b)):
+            return float("inf")
+        ok = ~np.isnan(b)
+        scale = max(np.abs(b[ok]).max(initial=0.0), 1e-30)
+        worst = max(worst, float(np.abs(a[ok] - b[ok]).max(initial=0.0) / scale))
+    return worst
+
+
+SWEEP_RTOL = 1e-5  # float32 tolerance of the agreement of the three ways
+
+
+def sweep_timing(data, args) -> dict:
+    """Wall time of the whole sweep over `--activity-lrs` with `jpc.make_pc_step`.
+
+    One width (`--sweep-width`), the same initial network, the same batches
+    (`--epochs` epochs), T = `--n-inference-steps` plain SGD steps on the
+    activities, trained three ways:
+
+    - `new_optimiser`: a new `optax.sgd(rate)` per rate, the way a sweep was written
+      before `activity_lr`: the optimiser is part of the compiled program, so each
+      rate compiles one;
+    - `activity_lr`: one `optax.sgd(1.0)` and the rate as the traced `activity_lr`,
+      one rate after the other: one compilation for the sweep;
+    - `vmap`: the same step `eqx.filter_vmap`ped over the array of rates (and over a
+      stacked copy of the network per rate) inside one `eqx.filter_jit`: one program
+      trains every rate at once.
+
+    Each way's time includes its compilations and ends when every rate's final
+    parameters are ready. The final parameters of `activity_lr` and `vmap` are
+    compared, per rate, with those of `new_optimiser` (max |difference| / max
+    |parameter| over the leaves). Compilations are counted with
+    `jpc.make_pc_step.jitted.compilations.count` (programs of the training step)
+    and with a `jax.monitoring` listener (every XLA compilation, including the
+    outer `eqx.filter_jit`'s).
+    """
+    counter = _CompileCounter()
+    (x_train, y_train), _ = data
+    steps_per_epoch = len(x_train) // args.batch_size
+    stream = datasets.batches(x_train, y_train, args.batch_size, args.seed)
+    batches = [
+        tuple(map(jnp.asarray, next(stream)))
+        for _ in range(args.epochs * steps_per_epoch)
+    ]
+    rates = [optax_activity_lr(lr, args) for lr in args.activity_lrs]
+    optim = getattr(optax, args.param_optim)(args.param_lr)
+
+    def network(width):
+        return jpc.make_mlp(
+            jr.PRNGKey(args.seed), 2, width, args.depth, 2, "leaky_relu", use_bias=True
+        )
+
+    def train_step(model, opt_state, x, y, activity_optim, activity_lr=None):
+        out = jpc.make_pc_step(
+            model,
+            optim,
+            opt_state,
+            y,
+            input=x,
+            loss_id="ce",
+            activity_optim=activity_optim,
+            n_inference_steps=args.n_inference_steps,
+            activity_lr=activity_lr,
+        )
+        return out["model"], out["opt_state"]
+
+    def params(model):
+        return eqx.filter(model, eqx.is_array)
+
+    # Warm-up at another width (one-off tracing and import costs of the library).
+    warm = network(8)
+    warm_state = optim.init((params(warm), None))
+    x, y = batches[0]
+    jax.block_until_ready(
+        params(train_step(warm, warm_state, x, y, optax.sgd(1.0), 0.1)[0])
+    )
+
+    model = network(args.sweep_width)
+    opt_state = optim.init((params(model), None))
+
+    def train(activity_optim, activity_lr=None):
+        m, s = model, opt_state
+        for x, y in batches:
+            m, s = train_step(m, s, x, y, activity_optim, activity_lr)
+        return params(m)
+
+    def new_optimiser():
+        return [train(optax.sgd(rate)) for rate in rates]
+
+    def activity_lr():
+        unit = optax.sgd(1.0)
+        return [train(unit, rate) for rate in rates]
+
+    # A copy of the network and optimiser state per rate for `vmap` (set up before
+    # the clock starts, like the network itself).
+    stack = lambda tree: jax.tree_util.tree_map(  # noqa: E731
+        lambda a: jnp.broadcast_to(a, (len(rates), *a.shape)), tree
+    )
+    models, opt_states = eqx.combine(stack(params(model)), model), stack(opt_state)
+    lrs = jnp.asarray(rates, jnp.float32)
+
+    def vmapped():
+        unit = optax.sgd(1.0)
+        m, s = models, opt_states
+
+        @eqx.filter_jit
+        def sweep_step(m, s, x, y, lrs):
+            batched = eqx.filter_vmap(lambda m, s, lr: train_step(m, s, x, y, unit, lr))
+            return batched(m, s, lrs)
+
+        for x, y in batches:
+            m, s = sweep_step(m, s, x, y, lrs)
+        return params(m)  # stacked: one row per rate
+
+    ways = {"new_optimiser": new_optimiser, "activity_lr": activity_lr, "vmap": vmapped}
+    timing, finals = {}, {}
+    library_counter = jpc.make_pc_step.jitted.compilations
+    with warnings.catch_warnings():  # the recompile warning: on purpose here
+        warnings.filterwarnings("ignore", message=".*has compiled")
+        for name, way in ways.items():
+            steps_before, before = library_counter.count, counter.snapshot()
+            start = time.perf_counter()
+            finals[name] = jax.block_until_ready(way())
+            seconds = time.perf_counter() - start
+            after = counter.snapshot()
+            timing[name] = {
+                "seconds": seconds,
+                "step_programs": library_counter.count - steps_before,
+                **{k: after[k] - before[k] for k in after},
+            }
+            print(f"{name:>14}: {seconds:7.2f} s, {timing[name]}")
+    jpc.raise_pending_step_errors()
+    finals["vmap"] = [
+        jax.tree_util.tree_map(lambda a, i=i: a[i], finals["vmap"])
+        for i in range(len(rates))
+    ]
+    # The check means something only if the rates train different networks.
+    finite = [
+        all(bool(np.isfinite(a).all()) for a in jax.tree_util.tree_leaves(p))
+        for p in finals["new_optimiser"]
+    ]
+    spread = {
+        str(lr): _max_rel_diff(finals["new_optimiser"][i], finals["new_optimiser"][0])
+        for i, lr in enumerate(args.activity_lrs)
+    }
+    agreement = {
+        name: {
+            str(lr): _max_rel_diff(finals[name][i], finals["new_optimiser"][i])
+            for i, lr in enumerate(args.activity_lrs)
+        }
+        for name in ("activity_lr", "vmap")
+    }
+    agree = all(d <= SWEEP_RTOL for row in agreement.values() for d in row.values())
+    base = timing["new_optimiser"]["seconds"]
+    speed_up = {name: base / t["seconds"] for name, t in timing.items()}
+    print(f"speed-up over a new optimiser per rate: {speed_up}")
+    print(f"max relative difference of the final parameters: {agreement}")
+    if not agree:
+        print(f"WARNING: the three ways disagree by more than {SWEEP_RTOL:g}")
+    print(f"finite: {finite}; difference from the first rate's network: {spread}")
+    return {
+        "width": args.sweep_width,
+        "activity_lrs": list(args.activity_lrs),
+        "optax_activity_lrs": rates,
+        "n_steps": len(batches),
+        "timing": timing,
+        "speed_up": speed_up,
+        "max_rel_diff_vs_new_optimiser": agreement,
+        "agree_within": SWEEP_RTOL,
+        "agree": agree,
+        "finite": dict(zip(map(str, args.activity_lrs), finite)),
+        "max_rel_diff_vs_first_rate": spread,
+    }
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -338,6 +558,20 @@ def save_ratio_plot(study: dict, args, path: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     data = load(args)
+    if args.sweep_timing:
+        out = sweep_timing(data, args)
+        config = {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+        }
+        out = {
+            "config": config,
+            "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+            **out,
+        }
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "sweep_timing.json").write_text(json.dumps(out, indent=2))
+        print(f"Wrote {args.out_dir / 'sweep_timing.json'}")
+        return out
     results, seconds = {}, {}
     grid = list(itertools.product(args.widths, args.activity_lrs))
     for width, lr in tqdm(grid, desc="width × activity lr", dynamic_ncols=True):
