@@ -229,11 +229,18 @@ def _final_state(ys: list) -> list:
     return [y[last] for y in ys]
 
 
-def check_solution(sol, args, n_steps: int, max_t1, caller: str) -> list:
-    """`sol.ys`, with runtime errors for a non-finite state or an exhausted budget."""
+def check_solution(sol, args, n_steps: int, max_t1, caller: str, states=None):
+    """`sol.ys`, with runtime errors for a non-finite state or an exhausted budget.
+
+    `states` is the saved trajectory of the activities within `sol.ys` (all of it
+    by default; the first entry when a custom `SaveAt(subs=...)` also saved other
+    quantities)."""
+    states = sol.ys if states is None else states
     ran_out = sol.result == dfx.RESULTS.max_steps_reached
-    final = _final_state(sol.ys)
-    nan_seen = ~_all_finite([jnp.where(jnp.isinf(y), 0, y) for y in sol.ys])
+    final = _final_state(states)
+    nan_seen = ~_all_finite(
+        [jnp.where(jnp.isinf(y), 0, y) for y in jtu.tree_leaves(sol.ys)]
+    )
     # An adaptive controller rejects non-finite steps and stalls until the budget
     # runs out: look at the field where it stalled.
     stalled_at_inf = jax.lax.cond(
@@ -296,7 +303,8 @@ def solve(
     The ODE's times are in the activities' dtype, so float32 activities stay
     float32 with `jax_enable_x64` on. `saveat`, when given, replaces the
     `diffrax.SaveAt` built from `record_iters`/`record_every` (which then only set
-    the step budget); the result is then `sol.ys` in its layout.
+    the step budget); it must be a `SaveAt(subs=[...])` whose first entry saves the
+    activities, and the result is then `sol.ys` in its layout.
     """
     kwargs = unpack_vector_field_args(args)
     check_energy_inputs(
@@ -334,7 +342,8 @@ def solve(
     )
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device.
-    return check_solution(sol, args, n_steps, max_t1, caller)
+    states = None if saveat is None else sol.ys[0]
+    return check_solution(sol, args, n_steps, max_t1, caller, states)
 
 
 def stop_options(caller: str, max_steps, rtol, atol) -> dict:
