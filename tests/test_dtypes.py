@@ -132,7 +132,7 @@ def bpc_updates(dtype):
         ADAM.init(eqx.filter(bottom, eqx.is_array)),
     )
     p = jpc.update_bpc_params(
-        top, bottom, a["activities"], (ADAM, ADAM), states, y, **kw
+        top, bottom, a["activities"], ADAM, ADAM, *states, y, **kw
     )
     return a, p
 

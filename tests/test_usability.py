@@ -328,14 +328,14 @@ def test_opt_states_of_pair_steps_say_how_to_make_them(key):
     activities = jpc.init_activities_with_ffwd(td, x)
     with pytest.raises(
         ValueError,
-        match=r"`opt_states\[1\]` does not have.*"
+        match=r"`bottom_up_opt_state` does not have.*"
         r"`bottom_up_optim\.init\(eqx\.filter\(bottom_up_model, eqx\.is_array\)\)`",
     ):
         jpc.update_bpc_params(
-            td, bu, activities, (adam, adam), (alone(td), pair(bu)), y, input=x
+            td, bu, activities, adam, adam, alone(td), pair(bu), y, input=x
         )
     jpc.update_bpc_params(
-        td, bu, activities, (adam, adam), (alone(td), alone(bu)), y, input=x
+        td, bu, activities, adam, adam, alone(td), alone(bu), y, input=x
     )
     # Hybrid PC: generator label -> image, amortiser image -> label.
     generator, amortiser = bu[::-1], td
