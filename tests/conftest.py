@@ -34,3 +34,14 @@ def _no_pending_step_errors():
 
     _jit._pending.clear()
     _jit._timing["when"] = "next_call"
+
+
+@pytest.fixture
+def raise_at_call():
+    """Training steps raise a failed runtime check at the failing call (the
+    `"call"` timing), for tests of the error messages themselves; the default
+    timing, which reports at the next call, is tested in test_step_errors.py."""
+    import jpc
+
+    jpc.set_step_error_timing("call")
+    yield

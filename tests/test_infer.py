@@ -648,6 +648,7 @@ SOLVING = [
 ]
 
 
+@pytest.mark.usefixtures("raise_at_call")
 @pytest.mark.parametrize("name", SOLVING)
 def test_max_steps_error_names_the_function_called(name):
     model, x, y = _tiny()
@@ -666,6 +667,7 @@ def test_max_steps_error_names_the_function_called(name):
         assert option in inspect.signature(fn).parameters, option
 
 
+@pytest.mark.usefixtures("raise_at_call")
 @pytest.mark.parametrize("which", ["output", "input"])
 def test_non_finite_input_is_named(which):
     model, x, y = _tiny()
@@ -731,6 +733,7 @@ def test_stop_option_errors(kw, match):
         _call("make_pc_step", model, x, y, **kw)
 
 
+@pytest.mark.usefixtures("raise_at_call")
 @pytest.mark.parametrize("option", ["steady_state_rtol", "steady_state_atol"])
 def test_negative_stop_tolerance_raises(option):
     model, x, y = _tiny()
