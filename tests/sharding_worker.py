@@ -105,11 +105,17 @@ def placement(out) -> tuple[bool, bool]:
     acts = out.get("activities")
     if acts is None:
         return replicated, True
-    # Activities carry (time, batch, ...): the batch axis is split in four.
+    # Activities carry (time, batch, ...): the batch axis is split in four. Hybrid
+    # PC returns `(amortiser guesses (batch, ...), solve output (time, batch, ...))`.
+    groups = [(acts, 1)]
+    if "generator" in out:
+        amortised, inferred = acts
+        groups = [(amortised, 0), (inferred, 1)]
     sharded = all(
         not z.sharding.is_fully_replicated
-        and z.addressable_shards[0].data.shape[1] == z.shape[1] // 4
-        for z in jtu.tree_leaves(acts)
+        and z.addressable_shards[0].data.shape[axis] == z.shape[axis] // 4
+        for group, axis in groups
+        for z in jtu.tree_leaves(group)
     )
     return replicated, sharded
 
