@@ -53,6 +53,7 @@ def _outputs(result):
 @pytest.mark.filterwarnings("ignore:.*has compiled")  # new optimisers, on purpose
 @pytest.mark.parametrize("name", list(STEPS))
 @pytest.mark.parametrize("momentum", [None, 0.9])
+@pytest.mark.slow
 def test_activity_lr_equals_the_rate_built_into_the_optimiser(problem, name, momentum):
     unit = optax.sgd(1.0, momentum=momentum)
     for lr in RATES:
@@ -68,6 +69,7 @@ def test_activity_lr_equals_the_rate_built_into_the_optimiser(problem, name, mom
 
 
 @pytest.mark.parametrize("name", list(STEPS))
+@pytest.mark.slow
 def test_a_sweep_compiles_once(problem, name):
     counter = STEPS[name].jitted.compilations
     unit = optax.sgd(1.0)
@@ -82,6 +84,7 @@ def test_a_sweep_compiles_once(problem, name):
 
 
 @pytest.mark.parametrize("name", list(STEPS))
+@pytest.mark.slow
 def test_vmap_over_activity_lr_equals_separate_runs(problem, name):
     unit = optax.sgd(1.0)
 

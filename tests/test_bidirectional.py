@@ -92,6 +92,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_bpc_energy_matches_formula(key, case):
     pb = make_problem(key, **case)
     w = dict(forward_energy_weight=0.7, backward_energy_weight=0.3)
@@ -138,6 +139,7 @@ def test_forward_weight_one_backward_zero_is_pc(key):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+@pytest.mark.slow
 def test_activity_grad_against_autodiff_and_fd(key, case):
     pb = make_problem(key, **case)
     w = dict(forward_energy_weight=1.3, backward_energy_weight=0.4)
@@ -159,6 +161,7 @@ def test_activity_grad_against_autodiff_and_fd(key, case):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[2]])
+@pytest.mark.slow
 def test_param_grads_against_autodiff_and_fd(key, case):
     pb = make_problem(key, **case)
     td_grads, bu_grads = jpc.compute_bpc_param_grads(
@@ -181,6 +184,7 @@ def test_param_grads_against_autodiff_and_fd(key, case):
     )
 
 
+@pytest.mark.slow
 def test_updates_are_optax_steps(key):
     pb = make_problem(key, skip=True)
     act_optim = optax.sgd(0.5)

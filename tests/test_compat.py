@@ -45,6 +45,7 @@ def test_check_param_type():
             jpc._check_param_type(bad)
 
 
+@pytest.mark.slow
 def test_neg_pc_activity_grad_accepts_eleven_tuple():
     """`(params, y, x, loss_id, param_type, wd, sp, ad, gamma, lam, controller)`."""
     model = [linear([[1.0, -2.0], [0.5, 0.0]]), linear([[2.0, 1.0]])]
@@ -67,6 +68,7 @@ def test_neg_pc_activity_grad_accepts_eleven_tuple():
     assert_trees_close(got, jpc.neg_pc_activity_grad(0.0, z, args), rtol=1e-14)
 
 
+@pytest.mark.slow
 def test_update_bpc_params_takes_four_optimiser_arguments():
     """`(td, bu, z, td_optim, bu_optim, td_state, bu_state, y)` → models, grads,
     opt_states; gradients of the hand-written bPC energy of a 1-hidden-layer net."""
@@ -133,6 +135,7 @@ def ref_forward(weights, biases, x):
     return out
 
 
+@pytest.mark.slow
 def test_make_pc_step_metrics_and_energies_layout(key):
     """acc of the updated model, param norms before the update, energies at the
     final state in record_layers order, t_max = 0 when not recording."""
@@ -181,6 +184,7 @@ def euler_problem():
     return model, x, y, z0
 
 
+@pytest.mark.slow
 def test_record_iters_has_no_initial_row_and_energies_line_up():
     """Row k is the state after the (k+1)-th Euler step; compute_infer_energies
     column k is row k's energies; after t_max the columns are 0."""
@@ -231,6 +235,7 @@ def test_compute_infer_energies_zero_after_t_max():
     np.testing.assert_allclose(got[:, :3], [[e1] * 3, [e2] * 3], atol=1e-12)
 
 
+@pytest.mark.slow
 def test_record_energies_inside_the_solve(key):
     """record_energies alone stores no states (one row of activities), gives the
     energies of every accepted step (those of the recorded trajectory, computed by
@@ -280,6 +285,7 @@ def test_hpc_energy_takes_amortiser_order():
     np.testing.assert_allclose(grads[1].weight, [[-2 * (1 * 3 + (-2) * 4) / 2]])
 
 
+@pytest.mark.slow
 def test_make_hpc_step_losses_activities_energies(key):
     kg, ka, ko, kl = jr.split(key, 4)
     generator = jpc.make_mlp(kg, 2, 4, 2, 3, "tanh")
@@ -396,6 +402,7 @@ def test_bpc_keeps_param_type():
 # ------------------------------------------------------------------ §14.5 ePC slot
 
 
+@pytest.mark.slow
 def test_epc_output_slot(key):
     model = jpc.make_mlp(key, 3, 4, 3, 2, "tanh")
     x = jr.normal(jr.PRNGKey(1), (5, 3))
@@ -551,6 +558,7 @@ def _pdm_kwargs(case, lateral, prev, nxt):
 
 
 @pytest.mark.parametrize("case", PDM_CASES)
+@pytest.mark.slow
 def test_pdm_energy_and_local_activity_grads(key, case):
     """Energy = Σ F_l (+ lateral terms); the gradient for z_l is ∂F_l/∂z_l of its
     own local energy alone (jax.grad of the hand-written F_l), plus the lateral
@@ -602,6 +610,7 @@ def test_pdm_bpc_terms_factor_mixes_gradients(key):
     assert not np.allclose(local[0], total[0])
 
 
+@pytest.mark.slow
 def test_pdm_param_grads_against_fd_and_spectral_penalty(key):
     td, bu, x, y, z, lateral, prev, nxt = pdm_problem(key)
     kw = dict(

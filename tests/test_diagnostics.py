@@ -71,6 +71,7 @@ def test_grad_snr_known_values():
     np.testing.assert_allclose(out["overall"], (2 / (1 + eps) + 0 + 2 / eps) / 3)
 
 
+@pytest.mark.slow
 def test_grad_snr_of_per_example_backprop_grads(key):
     p = random_problem(key, [3, 4, 2], 16, act_fn="tanh", use_bias=True)
     per_example = jpc.compute_per_example_grads(p.model, p.x, p.y)
@@ -104,6 +105,7 @@ def test_layer_grad_variance_ratios_known_values():
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.slow
 def test_per_example_grads_match_loop_and_mean_is_backprop(key, loss):
     p = random_problem(
         key, [3, 4, 4, 4, 2], 3, skip=True, param_type="mupc", loss=loss, use_bias=True
@@ -130,6 +132,7 @@ def test_per_example_grads_match_loop_and_mean_is_backprop(key, loss):
 # ------------------------------------------------------------------ compare_to_backprop
 
 
+@pytest.mark.slow
 def test_compare_to_backprop_limits(key, keys):
     """Transposed feedback: FA = KP = backprop. At the feedforward state only the
     output layer's PC gradient is non-zero (and equals backprop's). The PC entry is

@@ -216,6 +216,7 @@ def _float_dtypes(tree):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_outputs_keep_the_users_dtype(name, dtype):
     assert jax.config.jax_enable_x64
     out = CASES[name](dtype)
@@ -236,6 +237,7 @@ def test_ode_inference_runs_in_the_states_dtype(dtype):
     assert re.search(other + r"\[\d", str(jaxpr)) is None
 
 
+@pytest.mark.slow
 def test_adam_state_stays_float32_over_steps():
     """The nudged (centred) update used to turn params and Adam state to float64,
     which then stayed float64 in later steps."""

@@ -37,6 +37,7 @@ def lib_energy(p, activities=None, **kw):
 @pytest.mark.parametrize("param_type", ["sp", "mupc", "ntp"])
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("supervised", [True, False])
+@pytest.mark.slow
 def test_energy_matches_formula(key, loss, param_type, skip, supervised):
     p = random_problem(
         key, WIDTHS, 3, supervised, skip, param_type=param_type, loss=loss
@@ -323,6 +324,7 @@ def _conv_problem(key):
     return model, weights, x, y, acts
 
 
+@pytest.mark.slow
 def test_conv_model_energy(key):
     """User-built conv/pool layers work; energies sum over all non-batch axes."""
     model, weights, x, y, acts = _conv_problem(key)
@@ -338,6 +340,7 @@ def test_conv_model_energy(key):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_energy_float32_matches_float64_reference(key):
     """float32 inputs: energy and grads agree with the float64 reference to 1e-5."""
     p = random_problem(key, WIDTHS, 3, skip=True, param_type="mupc")
@@ -448,6 +451,7 @@ def _modules(key):
 
 @pytest.mark.parametrize("reg", [(0.3, 0.0), (0.0, 0.2), (0.3, 0.2)])
 @pytest.mark.parametrize("name", list(_modules(jr.PRNGKey(0))))
+@pytest.mark.slow
 def test_regulariser_gradient_reaches_every_weight(key, name, reg):
     """Every floating array with >= 2 axes is a weight, whatever it is called;
     vectors (biases, LayerNorm gains) are not. The parameter gradient added by

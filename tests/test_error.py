@@ -173,6 +173,7 @@ def newton_min(f, tree, iters=40):
 
 
 @pytest.mark.parametrize("case", [CASES[0], dict(CASES[1], loss="mse")])
+@pytest.mark.slow
 def test_equilibrium_energy_equals_pc(key, case):
     """SPEC §6.3/§11.3: minimising over ε reaches PC's equilibrium energy, not 0."""
     p, _ = make_problem(key, case)

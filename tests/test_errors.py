@@ -332,6 +332,7 @@ LOSS_ID_CALLS = [
 
 
 @pytest.mark.parametrize("call", LOSS_ID_CALLS)
+@pytest.mark.slow
 def test_unknown_loss_id_names_loss_id(p, call):
     """Functions whose option is called `loss_id` name `loss_id`, not `loss`."""
     check(lambda: call(p), re.escape("`loss_id`"), "mae")

@@ -86,6 +86,7 @@ def _split_lam(reg):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("reg", REGS)
+@pytest.mark.slow
 def test_activity_grad_matches_autodiff_of_reference(key, case, reg):
     p = _problem(key, case)
     lam, ref_reg = _split_lam(reg)
@@ -136,6 +137,7 @@ def test_activity_grad_matches_finite_differences(key, case):
     )
 
 
+@pytest.mark.slow
 def test_activity_grad_per_example_scales_as_one_over_B(key):
     """vmap = loop: the batch gradient row i is the single-example gradient / B."""
     B = 4
@@ -150,6 +152,7 @@ def test_activity_grad_per_example_scales_as_one_over_B(key):
             np.testing.assert_allclose(gf[i : i + 1], gs / B, rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_activity_grad_vmap_equals_loop(key):
     p = random_problem(key, WIDTHS, 3)
     ys = jr.normal(jr.PRNGKey(4), (4,) + p.y.shape)

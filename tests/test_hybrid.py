@@ -139,6 +139,7 @@ def hand_hpc_step(generator, amortiser, optims, states, obs, label, lr, T):
 
 
 @pytest.mark.parametrize("supervised", [True, False])
+@pytest.mark.slow
 def test_make_hpc_step_equals_hand_loop(key, supervised):
     generator, amortiser, obs, labels = make_problem(key)
     label = labels if supervised else None
@@ -182,6 +183,7 @@ def test_make_hpc_step_equals_hand_loop(key, supervised):
     assert out["energies"] == (None, None)
 
 
+@pytest.mark.slow
 def test_make_hpc_step_reduces_losses_on_fixed_batch(key):
     """Default ODE inference; both losses fall over repeated steps on one batch."""
     generator, amortiser, obs, labels = make_problem(key)

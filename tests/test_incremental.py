@@ -95,6 +95,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.slow
 def test_make_ipc_step_equals_hand_loop(key, case):
     case = dict(case)
     reg, opt_name = case.pop("reg"), case.pop("optim")
@@ -145,6 +146,7 @@ def test_single_step_first_update_is_backprop_at_output(key):
         )
 
 
+@pytest.mark.slow
 def test_ipc_reduces_loss_on_fixed_batch(key):
     p = random_problem(key, [4, 8, 8, 3], 16)
     optim = optax.adam(1e-2)
@@ -165,6 +167,7 @@ def test_ipc_reduces_loss_on_fixed_batch(key):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_ipc_unsupervised_lowers_energy(key):
     p = random_problem(key, WIDTHS, 4, supervised=False)
     optim = optax.sgd(0.05)

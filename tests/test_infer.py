@@ -55,6 +55,7 @@ def _rms(arrays):
 # ------------------------------------------------------------------ output format
 
 
+@pytest.mark.slow
 def test_solve_inference_default_returns_length_one_time_axis(key):
     p = random_problem(key, WIDTHS, 3)
     out = solve(p)
@@ -72,6 +73,7 @@ def test_solve_inference_default_returns_length_one_time_axis(key):
     "param_type,skip,loss,gamma",
     [("sp", False, "mse", None), ("mupc", True, "ce", 2.0)],
 )
+@pytest.mark.slow
 def test_ode_reaches_reference_equilibrium(key, param_type, skip, loss, gamma):
     p = random_problem(
         key, WIDTHS, 3, skip=skip, param_type=param_type, loss=loss, gamma=gamma
@@ -88,6 +90,7 @@ def test_ode_reaches_reference_equilibrium(key, param_type, skip, loss, gamma):
         np.testing.assert_allclose(out[i][-1], eq[i], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ode_equilibrium_with_regularisers_and_lambda(key):
     p = random_problem(key, WIDTHS, 3, param_type="ntp", skip=True, gamma=0.7)
     reg = dict(weight_decay=0.1, spectral_penalty=0.1, activity_decay=0.3)
@@ -105,6 +108,7 @@ def test_ode_equilibrium_with_regularisers_and_lambda(key):
         np.testing.assert_allclose(out[i][-1], eq[i], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_ode_constant_step_reaches_equilibrium(key):
     p = random_problem(key, WIDTHS, 3)
     eq = ref_equilibrium(p)
@@ -151,6 +155,7 @@ def _discrete(p, optim, n_steps, activities=None, **kw):
 
 
 @pytest.mark.parametrize("param_type,skip", [("sp", False), ("mupc", True)])
+@pytest.mark.slow
 def test_discrete_and_ode_reach_same_equilibrium(key, param_type, skip):
     """ODE (tight tolerances) and many small SGD steps agree with each other and
     with the Newton solution. SGD's lr is proportional to B (gradients scale 1/B)."""
@@ -192,6 +197,7 @@ def test_energy_decreases_monotonically_for_small_steps(
     np.testing.assert_allclose(energies[0], p.ref(start), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_ode_trajectory_energy_monotone(key):
     p = random_problem(key, WIDTHS, 3, skip=True, param_type="mupc")
     iters = solve(
@@ -215,6 +221,7 @@ def test_ode_trajectory_energy_monotone(key):
         assert np.all(np.isinf(a[t_max + 1 :]))
 
 
+@pytest.mark.slow
 def test_unsupervised_ode_lowers_energy(key):
     p = random_problem(key, WIDTHS, 3, supervised=False, param_type="mupc")
     out = final(solve(p, activities=p.activities, max_t1=50))
@@ -238,6 +245,7 @@ def _steady(p, t1, **kw):
     )
 
 
+@pytest.mark.slow
 def test_steady_state_stop_fires(key):
     """§11.1: with 4000 fixed steps available the solve stops long before the end,
     at a state where rms(B·∂F/∂z) < atol + rtol·rms(z) (1e-3 for a constant step);
@@ -263,6 +271,7 @@ def test_steady_state_stop_fires(key):
     assert_trees_close(final([a[: t_max + 1] for a in longer]), last, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_steady_state_stop_is_per_example(key):
     """Repeating a batch k times divides every example's field by k (F is a batch
     mean); with the time step multiplied by k the Euler iterates are unchanged, and
@@ -289,6 +298,7 @@ def test_steady_state_stop_is_per_example(key):
     )
 
 
+@pytest.mark.slow
 def test_steady_state_stop_fires_with_adaptive_controller(key):
     p = random_problem(key, WIDTHS, 3)
     kw = dict(
@@ -306,6 +316,7 @@ def test_steady_state_stop_fires_with_adaptive_controller(key):
     assert_trees_close([x[0] for x in c], [x[ta] for x in a], rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_max_steps_exceeded_raises(key):
     p = random_problem(key, WIDTHS, 3)
     with pytest.raises(Exception, match="max_steps") as info:
@@ -322,6 +333,7 @@ def test_max_steps_exceeded_raises(key):
 # ------------------------------------------------------------------ recording
 
 
+@pytest.mark.slow
 def test_record_every_rows(key):
     """States saved at t = 0, k, 2k, ... plus the final state (SPEC §4.1)."""
     p = random_problem(key, WIDTHS, 3)
@@ -339,6 +351,7 @@ def test_record_every_rows(key):
     assert_trees_close(final(rec), at6, rtol=1e-9, check_structure=False)
 
 
+@pytest.mark.slow
 def test_record_every_after_early_stop(key):
     """After an early stop the final state is kept (as the last valid row, found by
     get_t_max) and the later rows are inf."""
@@ -370,6 +383,7 @@ def test_get_t_max():
 
 @pytest.mark.parametrize("depth", [4, 5])
 @pytest.mark.parametrize("supervised", [True, False])
+@pytest.mark.slow
 def test_compute_infer_energies_order_and_length(key, depth, supervised):
     """§11.5: rows ordered layer 1..L for depth ≥ 4, no truncation past 500 steps,
     0 after t_max (finite, as in the JPC library)."""
@@ -400,6 +414,7 @@ def test_compute_infer_energies_order_and_length(key, depth, supervised):
     assert np.all(got[:, t_max + 1 :] == 0.0)
 
 
+@pytest.mark.slow
 def test_solve_inference_integrates_neg_pc_activity_grad(key):
     """solve_inference integrates exactly the exported vector field: compare with a
     direct diffrax solve of neg_pc_activity_grad at tight tolerances."""
@@ -461,6 +476,7 @@ def _ode_final(model, x, y, **kw):
     return [a[t_max] for a in out], t_max
 
 
+@pytest.mark.slow
 def test_stop_waits_for_every_example():
     """A batch of two where one example is large and already at its equilibrium
     (its target is its own feedforward prediction): the other example must still
@@ -476,6 +492,7 @@ def test_stop_waits_for_every_example():
     assert max(_rel_errors(got, exact)) < 0.02
 
 
+@pytest.mark.slow
 def test_stop_waits_for_every_layer():
     """A linear 3-layer net whose first hidden layer is ~1e4 and second ~1: the
     large layer must not loosen the test for the small one."""
@@ -490,6 +507,7 @@ def test_stop_waits_for_every_layer():
     assert max(_rel_errors(got, exact)) < 0.02
 
 
+@pytest.mark.slow
 def test_stop_on_raw_pixel_inputs():
     """`make_mlp(64, 32, 3, 10, "tanh")` on raw 0–255 inputs, batch 16, default
     solver and controller, max_t1=200: every layer ends within 2 % of the
@@ -519,6 +537,7 @@ def _per_example_rms(a):
     return jnp.sqrt(jnp.mean(a.reshape(a.shape[0], -1) ** 2, axis=1))
 
 
+@pytest.mark.slow
 def test_stop_fires_at_the_solvers_stability_limit():
     """A well-conditioned linear 6-6-2 net whose output weight makes the stiffest
     mode fast (Hessian eigenvalues in [1, 9]): with the default Heun +
@@ -545,6 +564,7 @@ def test_stop_fires_at_the_solvers_stability_limit():
     assert 5 * t_max < t_horizon, (t_max, t_horizon)
 
 
+@pytest.mark.slow
 def test_stop_w4_workload():
     """784-300-300-10 tanh, MSE, batch 64, default ODE options (random data): the
     stop ends within twice atol + rtol·rms(z*) of a tight solve (the stop bounds
@@ -650,6 +670,7 @@ SOLVING = [
 
 @pytest.mark.usefixtures("raise_at_call")
 @pytest.mark.parametrize("name", SOLVING)
+@pytest.mark.slow
 def test_max_steps_error_names_the_function_called(name):
     model, x, y = _tiny()
     called = name.removesuffix("_centred")
@@ -669,6 +690,7 @@ def test_max_steps_error_names_the_function_called(name):
 
 @pytest.mark.usefixtures("raise_at_call")
 @pytest.mark.parametrize("which", ["output", "input"])
+@pytest.mark.slow
 def test_non_finite_input_is_named(which):
     model, x, y = _tiny()
     bad = dict(output=y.at[1, 0].set(jnp.nan), input=x.at[0, 2].set(jnp.inf))
@@ -688,6 +710,7 @@ def test_non_finite_activities_argument_is_named():
         jax.block_until_ready(out)
 
 
+@pytest.mark.slow
 def test_divergence_is_reported_as_non_finite():
     """A field that overflows (an exponential layer) is reported as a
     non-finite state, not as running out of steps. (An adaptive controller
@@ -735,6 +758,7 @@ def test_stop_option_errors(kw, match):
 
 @pytest.mark.usefixtures("raise_at_call")
 @pytest.mark.parametrize("option", ["steady_state_rtol", "steady_state_atol"])
+@pytest.mark.slow
 def test_negative_stop_tolerance_raises(option):
     model, x, y = _tiny()
     for name in ("solve_inference", "make_pc_step"):

@@ -142,6 +142,7 @@ def test_get_act_fn_leaky_relu_and_gelu():
 @pytest.mark.parametrize("skip", [False, True])
 @pytest.mark.parametrize("gamma", [None, 2.5])
 @pytest.mark.parametrize("depth", [2, 4])
+@pytest.mark.slow
 def test_get_param_scalings_table(key, param_type, skip, gamma, depth):
     D, N, out = 6, 9, 4
     model = jpc.make_mlp(key, D, N, depth, out, "tanh", param_type=param_type)
@@ -158,6 +159,7 @@ def test_get_param_scalings_table(key, param_type, skip, gamma, depth):
     np.testing.assert_allclose(np.asarray(got, dtype=float), want, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_get_param_scalings_explicit_values(key):
     """Spot values written directly from the table: D=4, N=16, L=3."""
     model = jpc.make_mlp(key, 4, 16, 3, 2, "tanh", param_type="mupc")
@@ -253,6 +255,7 @@ def test_private_alias_get_param_scalings(key):
     "param_type,skip,gamma",
     [("sp", False, None), ("sp", True, None), ("mupc", True, 2.0), ("ntp", False, 0.5)],
 )
+@pytest.mark.slow
 def test_init_activities_with_ffwd(key, param_type, skip, gamma):
     p = random_problem(
         key, [5, 7, 7, 7, 3], 4, skip=skip, param_type=param_type, gamma=gamma
@@ -264,6 +267,7 @@ def test_init_activities_with_ffwd(key, param_type, skip, gamma):
     assert len(got) == p.L
 
 
+@pytest.mark.slow
 def test_ntp_ffwd_scales_weights_once(key):
     """§11.6: with N(0,1) weights, z_1 = W_1 x / sqrt(D) exactly (no second scaling)."""
     D, N = 16, 25
@@ -308,6 +312,7 @@ def test_init_activities_from_normal_numpy_batch_size(key):
         ("unsupervised", [(100, 50), (100, 300), (100, 400), (100, 200)]),
     ],
 )
+@pytest.mark.slow
 def test_init_activities_from_normal_modes(key, mode, shapes):
     """Supervised draws z_1..z_L, unsupervised also z_0; every entry is sigma times
     an N(0, 1) draw (checked by its moments and by rescaling sigma)."""

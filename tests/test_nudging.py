@@ -110,6 +110,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("nudging", list(CASES))
+@pytest.mark.slow
 def test_fused_nudging_equals_definition(key, nudging):
     case = CASES[nudging]
     p = random_problem(key, [3, 5, 5, 2], 4, use_bias=True, **case["problem"])
@@ -156,6 +157,7 @@ def centred_vs_backprop(p, out):
     return cosine(update, bp), np.linalg.norm(update - bp) / np.linalg.norm(bp)
 
 
+@pytest.mark.slow
 def test_ode_centred_nudging(key):
     """ODE inference: Newton reference at beta = 0.2, backprop as beta -> 0.
 
@@ -179,6 +181,7 @@ def test_ode_centred_nudging(key):
     assert cos > 0.99 and dist < 0.02
 
 
+@pytest.mark.slow
 def test_fused_centred_nudging_approaches_backprop(key):
     """Fused discrete inference run to equilibrium, small beta: backprop's update."""
     p = random_problem(key, [4, 8, 8, 3], 8, use_bias=True)

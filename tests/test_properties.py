@@ -4,6 +4,7 @@ sizes (SPEC §10)."""
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import pytest
 from helpers import (
     array_leaves,
     assert_trees_close,
@@ -59,6 +60,7 @@ def _energy(p, acts=None, **kw):
 
 @SETTINGS
 @given(problems())
+@pytest.mark.slow
 def test_energy_at_ffwd_is_output_loss(p):
     acts = jpc.init_activities_with_ffwd(
         p.model, p.x, skip_model=p.skip_model, param_type=p.param_type
@@ -70,6 +72,7 @@ def test_energy_at_ffwd_is_output_loss(p):
 
 @SETTINGS
 @given(st.one_of(problems(losses=("mse", "ce")), problems(supervised=False)))
+@pytest.mark.slow
 def test_energy_and_activity_grad_match_reference(p):
     np.testing.assert_allclose(_energy(p), p.ref(), rtol=1e-10)
     energy, grads = jpc.compute_pc_activity_grad(
@@ -87,6 +90,7 @@ def test_energy_and_activity_grad_match_reference(p):
 
 @SETTINGS
 @given(st.one_of(problems(losses=("mse", "ce")), problems(supervised=False)))
+@pytest.mark.slow
 def test_param_grads_match_reference(p):
     got = jpc.compute_pc_param_grads(
         p.params, p.activities, p.y, x=p.x, loss_id=p.loss, param_type=p.param_type
@@ -116,6 +120,7 @@ def test_record_layers_order_and_sum(p):
 
 @SETTINGS
 @given(problems(losses=("mse", "ce")))
+@pytest.mark.slow
 def test_ffwd_output_grad_is_backprop(p):
     acts = p.ffwd()
     got, _ = jpc.compute_pc_param_grads(
@@ -130,6 +135,7 @@ def test_ffwd_output_grad_is_backprop(p):
 
 @SETTINGS
 @given(st.one_of(problems(), problems(supervised=False)))
+@pytest.mark.slow
 def test_batch_energy_is_mean_of_examples(p):
     singles = [
         jpc.pc_energy_fn(

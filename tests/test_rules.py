@@ -55,6 +55,7 @@ def cosine(a, b):
     "loss,param_type,skip",
     [("mse", "sp", False), ("ce", "sp", False), ("mse", "mupc", True)],
 )
+@pytest.mark.slow
 def test_fa_with_transposed_weights_is_backprop(key, loss, param_type, skip):
     p = problem(key, loss=loss, param_type=param_type, skip=skip)
     if skip:  # square hidden layers for the identity skips
@@ -87,6 +88,7 @@ def _hand_fa(p, feedback):
     return grads
 
 
+@pytest.mark.slow
 def test_fa_with_random_feedback_matches_hand_written_rule(key, keys):
     p = problem(key)
     feedback = jpc.init_feedback_weights(keys[0], p.model)
@@ -100,6 +102,7 @@ def test_fa_with_random_feedback_matches_hand_written_rule(key, keys):
     assert cosine(grads[0], bp[0]) < 0.999
 
 
+@pytest.mark.slow
 def test_init_feedback_weights_shapes_and_scale(key, keys):
     model = jpc.make_mlp(key, 300, 200, 3, 100, "tanh")
     feedback = jpc.init_feedback_weights(keys[0], model)
@@ -196,6 +199,7 @@ def _shifted_loss(shifts, p):
 
 
 @pytest.mark.parametrize("rule", ["wp", "np"])
+@pytest.mark.slow
 def test_perturbation_estimates_converge_to_backprop(key, keys, rule):
     p = random_problem(key, [3, 4, 4, 2], 5, act_fn="tanh", use_bias=True)
     bp = backprop_grads(p)
@@ -238,6 +242,7 @@ def _custom_loss(model, x, y, loss, shifts=None):
     return ref_output_loss(z, y, loss) / x.shape[0]
 
 
+@pytest.mark.slow
 def test_rules_on_a_custom_linear_layout(key, keys, loss="ce"):
     """Also the only WP/NP check with a cross-entropy loss."""
     model = _custom_mlp(key)

@@ -62,6 +62,7 @@ def reference(tmp_path_factory):
     return tmp, table(tmp, "full")
 
 
+@pytest.mark.slow
 def test_killed_then_resumed_gives_the_uninterrupted_table(reference):
     tmp, expected = reference
     proc = subprocess.Popen(

@@ -42,6 +42,7 @@ def run_worker(names: list[str]) -> dict[str, str]:
     return verdicts
 
 
+@pytest.mark.slow
 def test_core_steps_sharded_equal_single_device():
     # Each line: max relative difference sharded vs one device (< 1e-10 in
     # float64), parameters replicated on the 4 devices, activities batch-sharded.

@@ -57,6 +57,7 @@ def weights(out):
     return [np.asarray(layer.layers[1].weight) for layer in out["model"]]
 
 
+@pytest.mark.slow
 def test_failed_step_is_raised_at_the_next_call(problem, timing):
     good = weights(problem(0.1))
     bad = problem(1e300)  # inference diverges; returns at once
@@ -87,6 +88,7 @@ def test_pending_check_raised_at_the_next_call_after_switching(problem, timing):
         problem(0.1)
 
 
+@pytest.mark.slow
 def test_raise_pending_step_errors(problem, timing):
     problem(0.1)
     jpc.raise_pending_step_errors()  # the last call succeeded: nothing raised

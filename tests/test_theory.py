@@ -82,6 +82,7 @@ def ode_equilibrium(p, lam, **kw):
     "case",
     [CASES[0], pytest.param(("ntp", True, 2.0, 1.5), marks=pytest.mark.slow)],
 )
+@pytest.mark.slow
 def test_closed_forms_match_ode_equilibrium(key, case):
     """Energy, activities and (envelope theorem) parameter gradients at the
     equilibrium that `jpc.solve_inference` reaches at tight tolerances."""
@@ -226,6 +227,7 @@ def test_any_linear_layout_is_read(key):
         np.testing.assert_allclose(numeric, expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_any_linear_layout_rescaling_grads_and_update(key):
     """S, the energy gradients and the optax update read a list of bare
     `eqx.nn.Linear`s and a `Sequential` with the linear map first, giving the same
@@ -304,6 +306,7 @@ def _numeric_hessian(p, lam, decay):
 @pytest.mark.parametrize(
     "case,decay", [(c, False) for c in CASES] + [(CASES[1], True), (CASES[3], 0.3)]
 )
+@pytest.mark.slow
 def test_hessian_matches_jax_hessian(key, case, decay):
     p = linear_problem(key, case)
     lam = case[2]
@@ -419,6 +422,7 @@ def test_energy_grads_match_finite_differences(key):
     assert_trees_close(grads[0], fd, rtol=1e-6, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_update_params_is_an_optax_step_and_training_lowers_energy(key):
     p = linear_problem(key, ("sp", True, None, None), batch=8)
     optim = optax.sgd(0.05)

@@ -104,6 +104,7 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.slow
 def test_make_pc_step_fused_equals_hand_loop(key, case):
     case = dict(case)
     reg, opt_name = case.pop("reg"), case.pop("optim")
@@ -154,6 +155,7 @@ def test_make_pc_step_fused_equals_hand_loop(key, case):
         assert out[k] is None, k
 
 
+@pytest.mark.slow
 def test_make_pc_step_fused_unsupervised(key):
     """Unsupervised: activities start at N(0, sigma²) drawn with `key` (§11.6: mupc)."""
     B, T, lr = 4, 10, 0.2 * 4
@@ -231,6 +233,7 @@ def test_fused_record_activities_and_energies(key):
         np.testing.assert_allclose(E[:, t], np.asarray(want), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.slow
 def test_make_pc_step_metrics(key):
     B, T, lr = 4, 5, 0.8
     p = random_problem(key, WIDTHS, B, loss="ce", use_bias=True)
@@ -278,6 +281,7 @@ def test_make_pc_step_metrics(key):
 # ------------------------------------------------------------------ ODE path
 
 
+@pytest.mark.slow
 def test_make_pc_step_ode_updates_at_final_state(key):
     """Default ODE path: param grads at the inferred state (not the ffwd state)."""
     p = random_problem(key, WIDTHS, 3, skip=True, param_type="mupc")
@@ -299,6 +303,7 @@ def test_make_pc_step_ode_updates_at_final_state(key):
     assert gap > 1e-4
 
 
+@pytest.mark.slow
 def test_record_every_without_record_activities_updates_at_final_state(key):
     """§11.4: record_every alone must not change the update (no update at t = 0)."""
     p = random_problem(key, WIDTHS, 3)
@@ -316,6 +321,7 @@ def test_record_every_without_record_activities_updates_at_final_state(key):
     assert gap > 1e-4
 
 
+@pytest.mark.slow
 def test_make_pc_step_ode_record_activities(key):
     p = random_problem(key, WIDTHS, 3)
     optim = optax.sgd(0.2)
@@ -355,6 +361,7 @@ def _regression_batch(key, B=16, d_in=4, d_out=3):
     return x, jnp.tanh(x @ A)
 
 
+@pytest.mark.slow
 def test_non_finite_energy_raises(key):
     """A diverging inference is reported (SPEC §2), not returned: at the call with
     the `"call"` timing (the default timing is tested in test_step_errors.py)."""
@@ -376,6 +383,7 @@ def test_non_finite_energy_raises(key):
 
 
 @pytest.mark.parametrize("path", ["fused", "ode"])
+@pytest.mark.slow
 def test_training_reduces_loss(key, path):
     x, y = _regression_batch(jr.PRNGKey(3))
     model = jpc.make_mlp(key, 4, 16, 3, 3, "tanh")
@@ -396,6 +404,7 @@ def test_training_reduces_loss(key, path):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_classification_accuracy_rises(key):
     k1, k2 = jr.split(jr.PRNGKey(5))
     labels = jr.randint(k1, (32,), 0, 2)
@@ -514,6 +523,7 @@ def test_new_float_hyperparameter_does_not_recompile(key, name):
     assert events == []
 
 
+@pytest.mark.slow
 def test_new_float_does_not_recompile_ode_path_and_updates(key):
     p = random_problem(key, WIDTHS, 3)
     optim = optax.sgd(0.1)

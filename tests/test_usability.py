@@ -32,6 +32,7 @@ def _labels(n, correct):
     return truths, preds
 
 
+@pytest.mark.slow
 def test_compute_accuracy_is_exact_for_exact_fractions():
     """9 of 9 gives exactly 100.0 in float32 (also under jit, where XLA turns a mean
     into a product with 1/n); every percentage is the float nearest the exact one
@@ -177,6 +178,7 @@ OPT_STATE_CALLS = {
 
 
 @pytest.mark.parametrize("name", sorted(OPT_STATE_CALLS))
+@pytest.mark.slow
 def test_opt_state_of_the_model_alone_says_how_to_make_it(clf, name):
     model, x, y, optim = clf
     call = OPT_STATE_CALLS[name]
@@ -259,6 +261,7 @@ def test_bpc_bottom_up_model_in_the_wrong_order_names_y(key):
 # ------------------------------------------------------- repeated compilation
 
 
+@pytest.mark.slow
 def test_a_new_optimiser_per_step_warns_once_naming_it(clf):
     model, x, y, optim = clf
     step = traced_floats(*ENERGY_FLOATS, "sigma", "beta", "activity_lr")(

@@ -71,6 +71,7 @@ def test_compute_param_norms(key):
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 @pytest.mark.parametrize("param_type,skip", [("sp", False), ("mupc", True)])
+@pytest.mark.slow
 def test_test_discriminative_pc(key, loss, param_type, skip):
     p = random_problem(
         key, [4, 6, 6, 3], 8, skip=skip, param_type=param_type, loss=loss
@@ -86,6 +87,7 @@ def test_test_discriminative_pc(key, loss, param_type, skip):
     np.testing.assert_allclose(got_acc, acc)
 
 
+@pytest.mark.slow
 def test_test_generative_pc(key):
     """Output predictions are the ffwd pass from `input`; input accuracy scores the
     argmax of z_0 inferred (from random activities) against `input`."""

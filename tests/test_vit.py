@@ -173,6 +173,7 @@ def test_layout_and_shapes(key):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.slow
 def test_feedforward_matches_hand_written_layers(key, loss):
     model, x, _, _ = problem(key, loss)
     activities = jit(jpc.init_activities_with_ffwd)(model, x)
@@ -183,6 +184,7 @@ def test_feedforward_matches_hand_written_layers(key, loss):
 
 
 @pytest.mark.parametrize("loss, lam", [("mse", 1.0), ("ce", 0.3)])
+@pytest.mark.slow
 def test_energy_and_gradients_match_hand_written_energy(key, loss, lam):
     model, x, y, activities = problem(key, loss)
     params = (model, None)
@@ -211,6 +213,7 @@ def test_energy_and_gradients_match_hand_written_energy(key, loss, lam):
     assert skip_grads is None
 
 
+@pytest.mark.slow
 def test_per_layer_energies_in_compatible_order(key):
     model, x, y, activities = problem(key, depth=2)
     layers = jit(jpc.pc_energy_fn)(
@@ -227,6 +230,7 @@ def test_per_layer_energies_in_compatible_order(key):
     )
 
 
+@pytest.mark.slow
 def test_epc_energy_equals_pc_energy_at_the_matching_activities(key):
     """ePC errors e_l give activities z_l = f_l(z_{l-1}) + e_l with the same energy."""
     model, x, y, activities = problem(key)
@@ -244,6 +248,7 @@ def test_epc_energy_equals_pc_energy_at_the_matching_activities(key):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.slow
 def test_feedforward_init_zero_hidden_errors_and_output_grads_equal_backprop(key, loss):
     model, x, y, _ = problem(key, loss)
     activities = jit(jpc.init_activities_with_ffwd)(model, x)
@@ -329,6 +334,7 @@ def test_discrete_and_ode_inference_reach_the_same_equilibrium(key):
     assert_trees_close(eqx.filter(out["model"], eqx.is_array), expected, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_make_bp_step_matches_hand_gradient_and_trains(key):
     model, x, y, _ = problem(key, "ce")
     sgd = optax.sgd(0.1)
@@ -351,6 +357,7 @@ def test_make_bp_step_matches_hand_gradient_and_trains(key):
     assert ref_bp_loss(model, x, y, "ce") < 0.3 * first
 
 
+@pytest.mark.slow
 def test_make_pc_step_trains_with_discrete_inference(key):
     model, x, y, _ = problem(key, "ce")
     adam = optax.adam(1e-2)

@@ -57,6 +57,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['param_type']}-{c['loss']}")
+@pytest.mark.slow
 def test_zil_update_is_minus_lr_times_backprop_gradient(key, case):
     case = dict(case)
     p = random_problem(key, case.pop("widths"), 5, use_bias=True, **case)
