@@ -153,6 +153,16 @@ def layer_energies(
     return [*energies, output_energy]
 
 
+def energy_options(kw) -> tuple:
+    """`(loss, param_type, gamma, output_energy_scaling)` from energy keyword options.
+
+    The trailing positional arguments of [`layer_energies`][] and `infer_energies`,
+    taken from a dict of the keyword options of the step helpers (or the unpacked
+    `args` of the vector field).
+    """
+    return kw["loss_id"], kw["param_type"], kw["gamma"], kw["output_energy_scaling"]
+
+
 def record_order(energies: list) -> list:
     """Reorder `[E_1, ..., E_L]` into the compatible `[E_L, E_2, ..., E_{L-1}, E_1]`."""
     if len(energies) == 1:

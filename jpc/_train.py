@@ -17,7 +17,12 @@ from ._checks import (
     check_random_init,
     traced_floats,
 )
-from ._energies import check_energy_inputs, layer_energies, record_order
+from ._energies import (
+    check_energy_inputs,
+    energy_options,
+    layer_energies,
+    record_order,
+)
 from ._eval import infer_energies
 from ._grads import unpack_vector_field_args, vector_field_args
 from ._infer import (
@@ -179,16 +184,7 @@ def _energies_at(t, y, args) -> Array:
     """Per-layer energies `[E_1, ..., E_L]` of the state `y` (a `SaveAt` `fn`)."""
     kw = unpack_vector_field_args(args)
     return jnp.stack(
-        layer_energies(
-            kw["params"],
-            y,
-            kw["y"],
-            kw["x"],
-            kw["loss_id"],
-            kw["param_type"],
-            kw["gamma"],
-            kw["output_energy_scaling"],
-        )
+        layer_energies(kw["params"], y, kw["y"], kw["x"], *energy_options(kw))
     )
 
 
@@ -234,17 +230,8 @@ def infer_recorded(
         )
         energies = None
         if record_energies:
-            kw = energy_kwargs
             energies = infer_energies(
-                params,
-                trajectory,
-                t_max,
-                output,
-                input,
-                kw["loss_id"],
-                kw["param_type"],
-                kw["gamma"],
-                kw["output_energy_scaling"],
+                params, trajectory, t_max, output, input, *energy_options(energy_kwargs)
             )
         return (trajectory, energies), final, t_max
     solver, max_t1, dt, controller, record_every = ode
@@ -273,16 +260,8 @@ def infer_recorded(
 
 def _final_energies(params, final, output, input, energy_kwargs) -> Array:
     """Per-layer energies at the inferred state, `record_layers` order."""
-    kw = energy_kwargs
     energies = layer_energies(
-        params,
-        final,
-        output,
-        input,
-        kw["loss_id"],
-        kw["param_type"],
-        kw["gamma"],
-        kw["output_energy_scaling"],
+        params, final, output, input, *energy_options(energy_kwargs)
     )
     return jnp.stack(record_order(energies))
 

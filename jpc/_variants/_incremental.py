@@ -26,7 +26,7 @@ from .._checks import (
     check_option,
     traced_floats,
 )
-from .._energies import layer_energies
+from .._energies import energy_options, layer_energies
 from .._jit import deferred_checks, error_if
 from .._train import (
     PCStepResult,
@@ -41,17 +41,7 @@ from .._utils import LOSS_FNS, compute_accuracy, compute_activity_norms
 
 
 def _layer_energies(params, activities, y, x, kw) -> Array:
-    energies = layer_energies(
-        params,
-        activities,
-        y,
-        x,
-        kw["loss_id"],
-        kw["param_type"],
-        kw["gamma"],
-        kw["output_energy_scaling"],
-    )
-    return jnp.stack(energies)
+    return jnp.stack(layer_energies(params, activities, y, x, *energy_options(kw)))
 
 
 def incremental_inference(
