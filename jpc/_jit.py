@@ -251,19 +251,85 @@ def unflatten(treedef: Any, slots: tuple, arrays: list, remember: bool) -> Any:
     return jtu.tree_unflatten(treedef, leaves)
 
 
+_GETTERS = {
+    jtu.SequenceKey: lambda key: lambda node: node[key.idx],
+    jtu.DictKey: lambda key: lambda node: node[key.key],
+    jtu.GetAttrKey: lambda key: lambda node: getattr(node, key.name),
+}
+
+
+def _getter(path: tuple) -> Callable | None:
+    """A function fetching the node at `path` (a key path), or `None` if a key is
+    of a kind that cannot be followed (e.g. a custom node's flattened index)."""
+    steps = []
+    for key in path:
+        make = _GETTERS.get(type(key))
+        if make is None:
+            return None
+        steps.append(make(key))
+
+    def get(node):
+        for step in steps:
+            node = step(node)
+        return node
+
+    return get
+
+
+class _Rebuild:
+    """How to rebuild a call's output from the program's flat output arrays.
+
+    The whole output is rebuilt by one `tree_unflatten` (JAX's C++ traversal),
+    then each cacheable Equinox module in it is fetched by its key path and
+    remembered with its arrays, so that passing it back in the next call (a
+    model, an optimiser state) skips its flattening.
+    """
+
+    __slots__ = ("treedef", "template", "modules")
+
+    def __init__(self, out: Any, slots: tuple):
+        leaves, self.treedef = jtu.tree_flatten(out)
+        self.template = tuple(
+            _DYNAMIC
+            if _kind(leaf) == _ARRAY or isinstance(leaf, jax.core.Tracer)
+            else leaf
+            for leaf in leaves
+        )
+        paths = jtu.tree_flatten_with_path(out, is_leaf=_is_module_node)[0]
+        self.modules = []
+        start = 0
+        for (path, _), slot in zip(paths, slots):
+            if type(slot) is _Structure:
+                get = _getter(path)
+                if slot.cacheable and get is not None:
+                    self.modules.append((get, slot, start, start + slot.n_arrays))
+                start += slot.n_arrays
+            elif slot is _DYNAMIC:
+                start += 1
+
+    def __call__(self, arrays: list, remember: bool) -> Any:
+        out = jtu.tree_unflatten(self.treedef, _merge(arrays, self.template))
+        if remember:
+            for get, structure, start, stop in self.modules:
+                _remember(get(out), structure, arrays[start:stop])
+        return out
+
+
 def _traceable(fn: Callable, treedef: Any, slots: tuple) -> Callable:
     def traced(arrays):
         checks: list = []
         _collectors.append((jex.get_opaque_trace_state(), checks))
         try:
             args, kwargs = unflatten(treedef, slots, arrays, remember=False)
-            out_def, out_slots, out_arrays = flatten(fn(*args, **kwargs))
+            out = fn(*args, **kwargs)
+            _, out_slots, out_arrays = flatten(out)
+            rebuild = _Rebuild(out, out_slots)
         finally:
             _collectors.pop()
         messages = tuple(msg for _, msg in checks)
         if checks:
             out_arrays = [*out_arrays, _error_code(checks)]
-        return out_arrays, _Static((out_def, out_slots, messages))
+        return out_arrays, _Static((rebuild, messages))
 
     traced.__name__ = getattr(fn, "__name__", "jpc_step")
     return traced
@@ -453,14 +519,14 @@ def lean_jit(fn: Callable) -> Callable:
             _callback_logger.addFilter(_quiet_callback_failure)
         try:
             out_arrays, out_static = compiled(arrays)
-            out_def, out_slots, messages = out_static.value
+            rebuild, messages = out_static.value
             code = out_arrays.pop() if messages else None
             probe = code if messages else (out_arrays[0] if out_arrays else None)
             concrete = probe is not None and not isinstance(probe, jax.core.Tracer)
             if messages and not concrete:
                 out_arrays = _traced_check(out_arrays, code, messages)
             # Rebuild the outputs while the program runs, then wait if needed.
-            out = unflatten(out_def, out_slots, out_arrays, remember=concrete)
+            out = rebuild(out_arrays, remember=concrete)
             if wait and concrete and out_arrays:
                 out_arrays[0].block_until_ready()
         except (jax.errors.JaxRuntimeError, ValueError) as err:
