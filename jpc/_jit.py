@@ -45,6 +45,7 @@ import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from ._present import check_spellings, present, wrong_spellings
 
@@ -391,7 +392,8 @@ def _collector() -> list | None:
 
 def _check_code(code: Any, messages: tuple, name: str, previous: bool) -> None:
     """Raise `eqx.EquinoxRuntimeError` if `code` (waited for) flags a failure."""
-    index = int(code)
+    # `np.asarray` first: `int()` of a JAX array takes a slow path (tens of µs).
+    index = int(np.asarray(code))
     if index == 0:
         return
     message = messages[index - 1]
