@@ -7,24 +7,34 @@ initial network (same seed) is trained on MNIST and Fashion-MNIST
 
 - by PC: `jpc.make_pc_step` with discrete inference fused into the compiled step
   (`--n-inference-steps` SGD steps on the activities from the feedforward state,
-  per-example step size `--activity-lr`), then Adam on the parameters;
-- by backprop: `jpc.make_bp_step`, Adam with the same learning rate.
+  with a per-example step size), then Adam on the parameters;
+- by backprop: `jpc.make_bp_step`, Adam.
 
-Records the mean training loss and the test accuracy after every epoch, and the time
-per epoch (the first epoch includes compilation and is reported separately), for each
-seed; the summary gives the final test accuracy as mean ± std over seeds.
+The learning rates are chosen per dataset and method on a validation split held out
+from the training subset (never the test set): for PC a grid of Adam learning rates
+(`--lrs`) × per-example activity step sizes (`--activity-lrs`), for backprop the Adam
+learning rates alone, each trained `--search-epochs` epochs from seed 0. The chosen
+setting is then trained from each of `--seeds` on the rest of the training subset and
+scored on the test set after every epoch (learning curves, final accuracy as mean ±
+std over the seeds, seconds per epoch).
+
+Every search trial and every seed is a cell of the resumable runner
+(`experiments/_runner.py`): its JSON file is written as soon as it ends, and rerunning
+the same command skips the finished cells.
 
     JPC_DATA_DIR=/path/to/data python -m experiments.vit_mnist
-    python -m experiments.vit_mnist --quick       # 1 epoch, 2k images, 1 seed
+    python -m experiments.vit_mnist summary       # tables and plot from the cells
+    python -m experiments.vit_mnist --quick       # seconds-scale smoke run
 
-The default (10k training images, 3 epochs, 3 seeds) takes minutes on a laptop CPU;
-`--n-train 60000 --epochs 10` is the full setting. Each (method, dataset, seed) cell
-writes its own JSON under `--out-dir/cells/` and is skipped when that file exists
-with the same settings, so an interrupted run resumes where it stopped. Writes
-`results.json` and `vit_mnist.png` to `--out-dir`.
+The default (10 000 training images of which 2 000 for validation, 3 epochs, 3 seeds,
+both datasets: 24 search trials and 12 seeds) takes about half an hour of CPU time;
+`--n-train 60000 --val-size 6000 --epochs 10` is a full-data setting. Writes
+`summary.md`, `summary.json` and `vit_mnist.png` to `--out-dir`.
 """
 
 import argparse
+import functools
+import itertools
 import json
 import time
 from pathlib import Path
@@ -38,67 +48,110 @@ import optax
 from tqdm import tqdm
 
 import jpc
+from experiments import _runner
 from jpc import datasets
 
 
+N_CLASSES = 10
+METHODS = ("pc", "bp")
+DATASETS = ("mnist", "fashion_mnist")
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "vit_mnist"
-LOADERS = {"mnist": datasets.load_mnist, "fashion_mnist": datasets.load_fashion_mnist}
-CELL_KEYS = (
-    "epochs batch_size n_train width depth heads patch mlp_ratio lr activity_lr "
-    "n_inference_steps"
-).split()
+DEFAULT_CELLS_DIR = Path(__file__).parent / "cells" / "vit_mnist"
+QUICK_DIR = DEFAULT_OUT_DIR.with_name("vit_mnist_quick")
+MODEL_KEYS = ("width", "depth", "heads", "patch", "mlp_ratio")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.vit_mnist",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data-dir", default=None, help="directory of the IDX files")
-    parser.add_argument(
-        "--datasets", nargs="+", choices=list(LOADERS), default=list(LOADERS)
-    )
-    parser.add_argument(
-        "--methods", nargs="+", choices=["pc", "bp"], default=["pc", "bp"]
-    )
+    _runner.add_runner_args(parser, DEFAULT_CELLS_DIR)
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=DATASETS)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--search-epochs", type=int, default=2)
     parser.add_argument("--n-train", type=int, default=10000, help="training subset")
+    parser.add_argument(
+        "--val-size", type=int, default=2000, help="held out of the training subset"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--depth", type=int, default=2, help="transformer blocks")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--patch", type=int, default=7)
     parser.add_argument("--mlp-ratio", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     parser.add_argument(
-        "--activity-lr", type=float, default=0.1, help="per-example activity step"
+        "--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="Adam"
+    )
+    parser.add_argument(
+        "--activity-lrs",
+        type=float,
+        nargs="+",
+        default=[0.003, 0.01, 0.03],
+        help="per-example activity SGD step sizes (PC)",
     )
     parser.add_argument("--n-inference-steps", type=int, default=8)
-    parser.add_argument("--quick", action="store_true", help="1 epoch, 2k images")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    args = parser.parse_args(argv)
+    parser.add_argument("--data-dir", default=None, help="directory of the IDX files")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    return parser
+
+
+def check_args(args, parser) -> None:
     if args.quick:
-        args.epochs, args.n_train, args.seeds = 1, 2000, args.seeds[:1]
-    return args
+        args.epochs, args.search_epochs, args.seeds = 1, 1, args.seeds[:1]
+        args.n_train, args.val_size = 1280, 256
+        args.lrs, args.activity_lrs = [1e-3], [0.01, 0.03]
+        if args.cells_dir == DEFAULT_CELLS_DIR:
+            args.cells_dir = QUICK_DIR / "cells"
+    if args.out_dir is None:
+        args.out_dir = QUICK_DIR if args.quick else DEFAULT_OUT_DIR
+    if args.val_size >= args.n_train:
+        parser.error(
+            f"--val-size ({args.val_size}) must be smaller than --n-train "
+            f"({args.n_train})"
+        )
+    for name in ("epochs", "search_epochs", "batch_size", "n_inference_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
 
-def load(name: str, args) -> tuple:
-    x_train, y_train = LOADERS[name]("train", args.data_dir)
-    x_test, y_test = LOADERS[name]("test", args.data_dir)
-    x_train, y_train = x_train[: args.n_train], y_train[: args.n_train]
-    return (
-        x_train,
-        datasets.one_hot(y_train, 10),
-        jnp.asarray(x_test),
-        jnp.asarray(datasets.one_hot(y_test, 10)),
-    )
+# ---------------------------------------------------------------------------- data
 
 
-def make_step(method: str, args):
+@functools.cache
+def load_data(name: str, n_train: int, val_size: int, data_dir: str | None) -> dict:
+    """`{"train", "val", "test"}`: the first `n_train` training images split at
+    random (seed 0) into validation and training parts, one-hot targets."""
+    loader = {
+        "mnist": datasets.load_mnist,
+        "fashion_mnist": datasets.load_fashion_mnist,
+    }
+    x, y = loader[name]("train", data_dir)
+    x_test, y_test = loader[name]("test", data_dir)
+    order = np.random.default_rng(0).permutation(n_train)
+    val, train = order[:val_size], order[val_size:]
+
+    def prepare(images, labels, device):
+        pair = (images, datasets.one_hot(labels, N_CLASSES))
+        return tuple(jnp.asarray(a) for a in pair) if device else pair
+
+    return {
+        "train": prepare(x[train], y[train], device=False),
+        "val": prepare(x[val], y[val], device=True),
+        "test": prepare(x_test, y_test, device=True),
+    }
+
+
+# ------------------------------------------------------------------------ training
+
+
+def make_step(params: dict):
     """A function `(model, optim, state, x, y) -> (model, state, loss)`."""
-    if method == "bp":
+    if params["method"] == "bp":
 
         def step(model, optim, state, x, y):
             out = jpc.make_bp_step(model, optim, state, y, input=x, loss_id="ce")
@@ -107,7 +160,7 @@ def make_step(method: str, args):
         return step
     # The energy is a batch mean, so a per-example step of `activity_lr` is an
     # SGD step of `activity_lr * batch_size` on the activities.
-    activity_optim = optax.sgd(args.activity_lr * args.batch_size)
+    activity_optim = optax.sgd(params["activity_lr"] * params["batch_size"])
 
     def step(model, optim, state, x, y):
         out = jpc.make_pc_step(
@@ -118,153 +171,256 @@ def make_step(method: str, args):
             input=x,
             loss_id="ce",
             activity_optim=activity_optim,
-            n_inference_steps=args.n_inference_steps,
+            n_inference_steps=params["n_inference_steps"],
         )
         return out["model"], out["opt_state"], out["loss"]
 
     return step
 
 
-def run_cell(method: str, name: str, seed: int, data: tuple, args) -> dict:
-    x_train, y_train, x_test, y_test = data
-    model = jpc.make_vit(
-        jr.PRNGKey(seed),
-        image_size=28,
-        patch_size=args.patch,
-        width=args.width,
-        depth=args.depth,
-        n_heads=args.heads,
-        mlp_ratio=args.mlp_ratio,
+def run_cell(params: dict) -> dict:
+    """Trains one (method, dataset, setting, seed) and scores it after every epoch
+    on `params["eval"]` (`"val"` for a search trial, `"test"` otherwise)."""
+    data = load_data(
+        params["dataset"], params["n_train"], params["val_size"], params["data_dir"]
     )
-    optim = optax.adam(args.lr)
+    (x_train, y_train), (x_eval, y_eval) = data["train"], data[params["eval"]]
+    model = jpc.make_vit(
+        jr.PRNGKey(params["seed"]),
+        image_size=28,
+        patch_size=params["patch"],
+        width=params["width"],
+        depth=params["depth"],
+        n_heads=params["heads"],
+        mlp_ratio=params["mlp_ratio"],
+    )
+    optim = optax.adam(params["lr"])
     state = optim.init((eqx.filter(model, eqx.is_array), None))
-    step = make_step(method, args)
-    n_batches = len(x_train) // args.batch_size
-    batches = datasets.batches(x_train, y_train, args.batch_size, seed)
-    log = dict(train_loss=[], test_acc=[], epoch_seconds=[])
-    for epoch in range(args.epochs):
-        start, losses = time.perf_counter(), []
-        desc = f"{method} {name} seed {seed} epoch {epoch + 1}"
+    step = make_step(params)
+    n_batches = len(x_train) // params["batch_size"]
+    batches = datasets.batches(x_train, y_train, params["batch_size"], params["seed"])
+    log = dict(train_loss=[], acc=[], epoch_seconds=[], epoch_cpu_seconds=[])
+    for epoch in range(params["epochs"]):
+        start, cpu, losses = time.perf_counter(), time.process_time(), []
+        desc = f"{params['method']} {params['dataset']} epoch {epoch + 1}"
         for _ in tqdm(range(n_batches), desc=desc, leave=False):
             x, y = next(batches)
             model, state, loss = step(model, optim, state, jnp.asarray(x), y)
             losses.append(loss)
         jax.block_until_ready(model)
         log["epoch_seconds"].append(time.perf_counter() - start)
+        log["epoch_cpu_seconds"].append(time.process_time() - cpu)
         log["train_loss"].append(float(np.mean(jax.device_get(losses))))
-        _, acc = jpc.test_discriminative_pc(model, y_test, x_test, loss="ce")
-        log["test_acc"].append(float(acc))
-        tqdm.write(f"{desc}: test accuracy {float(acc):.2f}%")
+        _, acc = jpc.test_discriminative_pc(model, y_eval, x_eval, loss="ce")
+        log["acc"].append(float(acc))
+        tqdm.write(f"{desc}: {params['eval']} accuracy {float(acc):.2f}%")
     return log
 
 
-def cell_config(args) -> dict:
-    return {k: getattr(args, k) for k in CELL_KEYS}
+# ------------------------------------------------------------------------ planning
 
 
-def run_or_load(method, name, seed, data_fn, args) -> dict:
-    """Run one cell unless its JSON exists with the same settings."""
-    path = args.out_dir / "cells" / f"{name}_{method}_seed{seed}.json"
-    config = cell_config(args)
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("config") == config:
-            return saved
-    log = run_cell(method, name, seed, data_fn(), args)
-    cell = dict(method=method, dataset=name, seed=seed, config=config, **log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cell, indent=2))
-    return cell
+def _grid(args, method: str) -> list[tuple[float, float | None]]:
+    """`(lr, activity_lr)` settings searched for `method`."""
+    if method == "bp":
+        return [(lr, None) for lr in args.lrs]
+    return list(itertools.product(args.lrs, args.activity_lrs))
 
 
-def summarise(cells: list[dict]) -> dict:
-    summary = {}
-    for cell in cells:
-        entry = summary.setdefault(cell["dataset"], {}).setdefault(
-            cell["method"], dict(final_test_acc=[], seconds_per_epoch=[], first=[])
-        )
-        later = cell["epoch_seconds"][1:] or cell["epoch_seconds"]
-        entry["final_test_acc"].append(cell["test_acc"][-1])
-        entry["seconds_per_epoch"].append(float(np.mean(later)))
-        entry["first"].append(cell["epoch_seconds"][0])
-    for methods in summary.values():
-        for method, entry in methods.items():
-            accs = np.array(entry["final_test_acc"])
-            methods[method] = dict(
-                test_acc_mean=float(accs.mean()),
-                test_acc_std=float(accs.std()),
-                test_acc_per_seed=entry["final_test_acc"],
-                seconds_per_epoch=float(np.mean(entry["seconds_per_epoch"])),
-                first_epoch_seconds=float(np.mean(entry["first"])),
-            )
-    return summary
+def _trial_key(dataset: str, method: str, lr: float, activity_lr) -> str:
+    setting = f"lr{lr:g}" if activity_lr is None else f"lr{lr:g}_a{activity_lr:g}"
+    return f"{dataset}/{method}/search/{setting}"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def _common(args, dataset: str, method: str) -> dict:
+    return {
+        "dataset": dataset,
+        "method": method,
+        "n_train": args.n_train,
+        "val_size": args.val_size,
+        "data_dir": args.data_dir,
+        "batch_size": args.batch_size,
+        "n_inference_steps": args.n_inference_steps,
+        **{k: getattr(args, k) for k in MODEL_KEYS},
+    }
+
+
+def chosen(args, done: dict, dataset: str, method: str) -> dict | None:
+    """The search trial with the best final validation accuracy, once all ran."""
+    trials = []
+    for lr, activity_lr in _grid(args, method):
+        result = done.get(_trial_key(dataset, method, lr, activity_lr))
+        if result is None:
+            return None
+        trials.append((result["acc"][-1], lr, activity_lr))
+    acc, lr, activity_lr = max(trials, key=lambda t: t[0])
+    return {"lr": lr, "activity_lr": activity_lr, "val_acc": acc}
+
+
+def plan(args, done: dict) -> list[_runner.Cell]:
     cells = []
-    for name in args.datasets:
-        cache = {}
-
-        def data_fn(name=name, cache=cache):
-            if not cache:
-                cache["data"] = load(name, args)
-            return cache["data"]
-
-        for seed in args.seeds:
-            for method in args.methods:
-                cells.append(run_or_load(method, name, seed, data_fn, args))
-    summary = summarise(cells)
-    results = dict(
-        config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        machine=f"{jax.devices()[0].platform}, JAX {jax.__version__}",
-        summary=summary,
-        cells=cells,
-    )
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    save_plot(cells, args, args.out_dir / "vit_mnist.png")
-    for name, methods in summary.items():
-        for method, s in methods.items():
-            print(
-                f"{name:14s} {method}: test accuracy {s['test_acc_mean']:.2f} ± "
-                f"{s['test_acc_std']:.2f}% over {len(s['test_acc_per_seed'])} seeds, "
-                f"{s['seconds_per_epoch']:.1f} s/epoch (first epoch, with "
-                f"compilation, {s['first_epoch_seconds']:.1f} s)"
+    for dataset, method in itertools.product(args.datasets, args.methods):
+        common = _common(args, dataset, method)
+        for lr, activity_lr in _grid(args, method):
+            params = dict(
+                common,
+                lr=lr,
+                activity_lr=activity_lr,
+                epochs=args.search_epochs,
+                seed=0,
+                eval="val",
             )
-    return results
+            cells.append(
+                _runner.Cell(_trial_key(dataset, method, lr, activity_lr), params)
+            )
+        best = chosen(args, done, dataset, method)
+        if best is None:
+            continue
+        for seed in args.seeds:
+            params = dict(
+                common,
+                lr=best["lr"],
+                activity_lr=best["activity_lr"],
+                epochs=args.epochs,
+                seed=seed,
+                eval="test",
+            )
+            cells.append(_runner.Cell(f"{dataset}/{method}/seed{seed}", params))
+    return cells
 
 
-def save_plot(cells: list[dict], args, path: Path) -> None:
+# ------------------------------------------------------------------------- summary
+
+
+def collect(args, done: dict) -> dict:
+    """Per dataset and method: the search trials, the choice and the seeds."""
+    out = {}
+    for dataset, method in itertools.product(args.datasets, args.methods):
+        trials = []
+        for lr, activity_lr in _grid(args, method):
+            record = done.get(_trial_key(dataset, method, lr, activity_lr))
+            if record is not None:
+                trials.append(dict(lr=lr, activity_lr=activity_lr, **record["result"]))
+        runs = []
+        for seed in args.seeds:
+            record = done.get(f"{dataset}/{method}/seed{seed}")
+            if record is not None:
+                runs.append(dict(**record["params"], **record["result"]))
+        final = np.array([r["acc"][-1] for r in runs])
+        later = [np.mean(r["epoch_seconds"][1:] or r["epoch_seconds"]) for r in runs]
+        out.setdefault(dataset, {})[method] = dict(
+            trials=trials,
+            n_trials=len(_grid(args, method)),
+            choice=chosen(
+                args, {k: r["result"] for k, r in done.items()}, dataset, method
+            ),
+            runs=runs,
+            test_acc_mean=float(final.mean()) if runs else None,
+            test_acc_std=float(final.std()) if runs else None,
+            seconds_per_epoch=float(np.mean(later)) if runs else None,
+        )
+    return out
+
+
+def format_table(args, results: dict) -> str:
+    lines = [
+        f"ViT: {args.depth} blocks, width {args.width}, {args.heads} heads, "
+        f"{args.patch}×{args.patch} patches; {args.n_train - args.val_size} training "
+        f"images ({args.val_size} held out for the search), {args.epochs} epochs, "
+        f"batch {args.batch_size}; PC: {args.n_inference_steps} inference steps",
+        "",
+        "| dataset | method | seeds | test accuracy (%) | Adam lr | activity lr "
+        "(per example) | val. acc. of the choice | s / epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset, methods in results.items():
+        for method, r in methods.items():
+            c = r["choice"]
+            if c is None:
+                lines.append(
+                    f"| {dataset} | {method.upper()} | 0 | search "
+                    f"{len(r['trials'])}/{r['n_trials']} | | | | |"
+                )
+                continue
+            acc = (
+                f"{r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f}"
+                if r["runs"]
+                else ""
+            )
+            sec = f"{r['seconds_per_epoch']:.1f}" if r["runs"] else ""
+            act = "–" if c["activity_lr"] is None else f"{c['activity_lr']:g}"
+            lines.append(
+                f"| {dataset} | {method.upper()} | {len(r['runs'])} | {acc} | "
+                f"{c['lr']:g} | {act} | {c['val_acc']:.2f} | {sec} |"
+            )
+    lines += [
+        "",
+        "Search (seed 0, validation accuracy after each epoch, %):",
+        "",
+        "| dataset | method | Adam lr | activity lr | val. acc. per epoch |",
+        "|---|---|---|---|---|",
+    ]
+    for dataset, methods in results.items():
+        for method, r in methods.items():
+            for t in r["trials"]:
+                act = "–" if t["activity_lr"] is None else f"{t['activity_lr']:g}"
+                accs = " / ".join(f"{a:.2f}" for a in t["acc"])
+                lines.append(
+                    f"| {dataset} | {method.upper()} | {t['lr']:g} | {act} | {accs} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def save_plot(results: dict, args, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(c["dataset"] for c in cells))
+    names = list(results)
     fig, axes = plt.subplots(
         2, len(names), figsize=(4.5 * len(names), 6), squeeze=False
     )
     colours = {"pc": "C0", "bp": "C1"}
     for col, name in enumerate(names):
-        for method in colours:
-            runs = [c for c in cells if c["dataset"] == name and c["method"] == method]
-            for i, run in enumerate(runs):
-                epochs = np.arange(1, len(run["test_acc"]) + 1)
+        for method, r in results[name].items():
+            for i, run in enumerate(r["runs"]):
+                epochs = np.arange(1, len(run["acc"]) + 1)
                 label = method.upper() if i == 0 else None
                 kw = dict(color=colours[method], marker="o", alpha=0.7, label=label)
                 axes[0, col].plot(epochs, run["train_loss"], **kw)
-                axes[1, col].plot(epochs, run["test_acc"], **kw)
+                axes[1, col].plot(epochs, run["acc"], **kw)
         axes[0, col].set(title=name, ylabel="mean train loss (CE)")
         axes[1, col].set(xlabel="epoch", ylabel="test accuracy (%)")
         axes[0, col].legend()
     fig.suptitle(
         f"ViT ({args.depth} blocks, width {args.width}, {args.patch}×{args.patch} "
-        f"patches), {args.n_train} training images, one line per seed"
+        f"patches), {args.n_train - args.val_size} training images, one line per seed"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def summarize(args, done: dict) -> None:
+    results = collect(args, done)
+    text = format_table(args, results)
+    print(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "summary.md").write_text(text)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    output = {"config": config, "results": results}
+    (args.out_dir / "summary.json").write_text(json.dumps(output, indent=1))
+    if any(r["runs"] for methods in results.values() for r in methods.values()):
+        save_plot(results, args, args.out_dir / "vit_mnist.png")
+    print(f"Wrote summary.md, summary.json and vit_mnist.png to {args.out_dir}")
+
+
+def main(argv=None) -> dict:
+    print(f"JAX {jax.__version__}, backend {jax.default_backend()}")
+    return _runner.main(
+        "experiments.vit_mnist", build_parser(), argv, check_args=check_args
+    )
 
 
 if __name__ == "__main__":
