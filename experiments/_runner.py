@@ -200,6 +200,20 @@ def run_cells(module: str, plan: Callable, args) -> dict:
     return done
 
 
+def write_summary(
+    args, text: str, data: dict, extra_config: dict | None = None
+) -> None:
+    """Prints `text` and writes it to `<args.out_dir>/summary.md`, and `data` with
+    the run's configuration (the parsed arguments, plus `extra_config`) to
+    `<args.out_dir>/summary.json`."""
+    print(text)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "summary.md").write_text(text)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    output = {"config": {**config, **(extra_config or {})}, **data}
+    (args.out_dir / "summary.json").write_text(json.dumps(output, indent=1))
+
+
 def main(module: str, parser: argparse.ArgumentParser, argv=None, check_args=None):
     """Parses the arguments, runs the missing cells (`run`) and summarises.
 

@@ -30,7 +30,6 @@ Writes `summary.md`, `summary.json` and `mupc_depth.png` to `--out-dir`.
 
 import argparse
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -360,16 +359,10 @@ def format_table(args, results: dict) -> str:
 
 def summarize(args, done: dict) -> None:
     results = collect(args, done)
-    text = format_table(args, results)
-    print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "summary.md").write_text(text)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    output = {
-        "config": {**config, "act_fn": "relu", "loss": "mse", "T": "depth"},
-        "results": results,
-    }
-    (args.out_dir / "summary.json").write_text(json.dumps(output, indent=1))
+    extra = {"act_fn": "relu", "loss": "mse", "T": "depth"}
+    _runner.write_summary(
+        args, format_table(args, results), {"results": results}, extra
+    )
     if results:
         save_plot(results, args.out_dir / "mupc_depth.png")
     print(f"Wrote summary.md, summary.json and mupc_depth.png to {args.out_dir}")

@@ -36,7 +36,6 @@ Writes `summary.md`, `summary.json` and `pcx_table_mlp.png` to `--out-dir`.
 import argparse
 import functools
 import itertools
-import json
 import os
 import time
 from pathlib import Path
@@ -539,13 +538,8 @@ def save_plot(table: dict, path: Path) -> None:
 
 def summarize(args, done: dict) -> None:
     table = collect(args, done)
-    text = format_table(args, table)
-    print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "summary.md").write_text(text)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    summary = {"config": config, "published": PUBLISHED, "table": table}
-    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    data = {"published": PUBLISHED, "table": table}
+    _runner.write_summary(args, format_table(args, table), data)
     save_plot(table, args.out_dir / "pcx_table_mlp.png")
     print(f"Wrote summary.md, summary.json and pcx_table_mlp.png to {args.out_dir}")
 

@@ -35,7 +35,6 @@ both datasets: 24 search trials and 12 seeds) takes about half an hour of CPU ti
 import argparse
 import functools
 import itertools
-import json
 import time
 from pathlib import Path
 
@@ -404,13 +403,7 @@ def save_plot(results: dict, args, path: Path) -> None:
 
 def summarize(args, done: dict) -> None:
     results = collect(args, done)
-    text = format_table(args, results)
-    print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "summary.md").write_text(text)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    output = {"config": config, "results": results}
-    (args.out_dir / "summary.json").write_text(json.dumps(output, indent=1))
+    _runner.write_summary(args, format_table(args, results), {"results": results})
     if any(r["runs"] for methods in results.values() for r in methods.values()):
         save_plot(results, args, args.out_dir / "vit_mnist.png")
     print(f"Wrote summary.md, summary.json and vit_mnist.png to {args.out_dir}")
