@@ -235,18 +235,16 @@ def flatten(tree: Any) -> tuple[Any, tuple, list]:
     return treedef, tuple(slots), arrays
 
 
-def unflatten(treedef: Any, slots: tuple, arrays: list, remember: bool) -> Any:
-    """Inverse of `flatten`; with `remember`, rebuilt modules are remembered."""
+def unflatten(treedef: Any, slots: tuple, arrays: list) -> Any:
+    """Inverse of `flatten` (used on the traced arguments; call outputs are rebuilt
+    by `_Rebuild`)."""
     it = iter(arrays)
     leaves = []
     for slot in slots:
         if slot is _DYNAMIC:
             leaves.append(next(it))
         elif type(slot) is _Structure:
-            module, module_arrays = slot.build(it)
-            if remember:
-                _remember(module, slot, module_arrays)
-            leaves.append(module)
+            leaves.append(slot.build(it)[0])
         else:
             leaves.append(slot)
     return jtu.tree_unflatten(treedef, leaves)
@@ -321,7 +319,7 @@ def _traceable(fn: Callable, treedef: Any, slots: tuple) -> Callable:
         checks: list = []
         _collectors.append((jex.get_opaque_trace_state(), checks))
         try:
-            args, kwargs = unflatten(treedef, slots, arrays, remember=False)
+            args, kwargs = unflatten(treedef, slots, arrays)
             out = fn(*args, **kwargs)
             _, out_slots, out_arrays = flatten(out)
             rebuild = _Rebuild(out, out_slots)
