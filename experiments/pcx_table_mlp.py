@@ -416,16 +416,17 @@ def collect(args, done: dict) -> dict:
             prefix = f"{dataset}/{method}/"
             keys = [k for k in planned if k.startswith(prefix) and k in done]
             seeds = [done[k] for k in keys if "/search/" not in k]
-            trials = [done[k] for k in keys if "/search/" in k]
             row = {
                 "n_seeds": len(seeds),
-                "n_search": len(trials),
+                "n_search": sum("/search/" in k for k in keys),
                 "search": [
                     {
-                        "config": t["params"]["config"],
-                        "val_acc": search_score(t["result"]),
+                        "name": k.rsplit("/", 1)[1],
+                        "config": done[k]["params"]["config"],
+                        "val_acc": search_score(done[k]["result"]),
                     }
-                    for t in trials
+                    for k in keys
+                    if "/search/" in k
                 ],
             }
             if seeds:
@@ -487,7 +488,42 @@ def format_table(args, table: dict) -> str:
                 f"| {row['epoch_seconds_median']:.1f}{cpu} "
                 f"| {cfg['param_lr']:.3g} | {act} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + format_search(args, table)) + "\n"
+
+
+def format_search(args, table: dict) -> list[str]:
+    """Validation accuracy of every finished search trial, the chosen one in bold."""
+    if not args.search:
+        return []
+    names = [name for name, _ in search_grid(DEFAULTS["PC-SE"])]
+    lines = [
+        f"\nSearch: validation accuracy (%) after {args.search_epochs} epochs from "
+        "seed 0 (`pW_aA`: W × the default weight lr, A × the default activity lr; "
+        "backprop has no activity lr; in bold the trial chosen)",
+        "",
+        "| dataset | method | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for dataset, rows in table.items():
+        for method, row in rows.items():
+            trials = {t["name"]: t["val_acc"] for t in row["search"]}
+            if not trials:
+                continue
+            best = (
+                max(trials, key=trials.get)
+                if len(trials) == len(search_grid(DEFAULTS[method]))
+                else None
+            )
+            cells = [
+                "–"
+                if name not in trials
+                else f"**{trials[name]:.2f}**"
+                if name == best
+                else f"{trials[name]:.2f}"
+                for name in names
+            ]
+            lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def save_plot(table: dict, path: Path) -> None:
