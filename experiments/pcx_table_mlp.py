@@ -560,12 +560,17 @@ def save_plot(table: dict, path: Path) -> None:
             if m in PUBLISHED.get(name, {}):
                 ax.plot(i, PUBLISHED[name][m], "r_", ms=25, mew=2, label="published")
         low = min(table[name][m]["last_mean_std"][0] for m in methods)
+        high = max(
+            [sum(table[name][m]["best_mean_std"]) for m in methods]
+            + list(PUBLISHED.get(name, {}).values())
+        )
         ax.set_xticks(x, [f"{m}\n({table[name][m]['n_seeds']} s.)" for m in methods])
-        ax.set(ylim=(max(0.0, low - 3), 100), ylabel="test accuracy (%)", title=name)
+        top = min(100.0, high + 0.4 * (high - low) + 0.5)  # room for the legend
+        ax.set(ylim=(max(0.0, low - 3), top), ylabel="test accuracy (%)", title=name)
         ax.grid(axis="y", alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+        ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper right", ncol=3)
     fig.suptitle("PC benchmark MLP (4×128): test accuracy, mean ± std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
