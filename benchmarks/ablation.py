@@ -22,6 +22,7 @@ These use `jpc`'s internals (`jpc._jit`, `jpc._updates`), for diagnosis only.
 """
 
 import argparse
+import functools
 
 import equinox as eqx
 import jax
@@ -34,10 +35,11 @@ from benchmarks.run import (
     WORKLOADS,
     Problem,
     adam_state,
+    cost,
+    flat_program,
     make_problem,
     time_interleaved,
 )
-from jpc import _jit
 from jpc._updates import discrete_inference
 
 
@@ -47,23 +49,15 @@ def programs(p: Problem) -> dict:
     act = jpc.get_act_fn(w.act)
     ys_step = ys.make_pc_step(act, w.n_steps, ACTIVITY_LR, PARAM_LR)
 
-    @jax.jit
-    def ys_inference(params, x, y):
-        grad_z = jax.grad(ys.energy, argnums=1)
-
-        def body(_, zs):
-            grads = grad_z(params, zs, x, y, act)
-            return [z - ACTIVITY_LR * g for z, g in zip(zs, grads)]
-
-        hidden = ys.feedforward(params, act, x)[:-1]
-        return jax.lax.fori_loop(0, w.n_steps, body, hidden)
-
+    ys_inference = jax.jit(
+        functools.partial(ys.infer, act=act, n_steps=w.n_steps, activity_lr=ACTIVITY_LR)
+    )
     kwargs = dict(
         input=p.x, activity_optim=p.activity_optim, n_inference_steps=w.n_steps
     )
-    call = ((p.model, p.optim, adam_state(p, p.model), p.y), kwargs)
-    treedef, slots, arrays = _jit.flatten(call)
-    fused = jax.jit(_jit._traceable(jpc.make_pc_step.__wrapped__, treedef, slots))
+    fused, arrays = flat_program(
+        jpc.make_pc_step, p.model, p.optim, adam_state(p, p.model), p.y, **kwargs
+    )
     model_arrays, model_static = eqx.partition(p.model, eqx.is_array)
 
     @jax.jit
@@ -117,7 +111,7 @@ def main(argv=None) -> dict:
             args.target,
         )
         flops = {
-            k: lowered.compile().cost_analysis().get("flops", float("nan"))
+            k: cost(lowered.compile()).get("flops", float("nan"))
             for k, (_, _, lowered) in progs.items()
         }
         base = times["yardstick"]["median_s"]

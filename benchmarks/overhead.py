@@ -19,7 +19,14 @@ import numpy as np
 
 import jpc
 from benchmarks import yardstick as ys
-from benchmarks.run import ACTIVITY_LR, PARAM_LR, WORKLOADS, adam_state, make_problem
+from benchmarks.run import (
+    ACTIVITY_LR,
+    PARAM_LR,
+    WORKLOADS,
+    adam_state,
+    flat_program,
+    make_problem,
+)
 from jpc import _jit
 
 
@@ -49,8 +56,7 @@ def main(argv=None) -> dict:
     jax.block_until_ready(out)
     call_args = (out["model"], p.optim, out["opt_state"], p.y)  # remembered modules
 
-    treedef, slots, arrays = _jit.flatten((call_args, kwargs))
-    compiled = jax.jit(_jit._traceable(jpc.make_pc_step.__wrapped__, treedef, slots))
+    compiled, arrays = flat_program(jpc.make_pc_step, *call_args, **kwargs)
     flat_out, static = compiled(arrays)
     rebuild, messages = static.value
     flat_out = list(flat_out)

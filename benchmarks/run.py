@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 import jpc
+from jpc import _jit
 
 from . import yardstick as ys
 
@@ -253,6 +254,20 @@ def _lowered(impl: str, p: Problem):
     return jpc.make_pc_step.jitted.lower(*common, input=p.x, **kwargs)
 
 
+def flat_program(fn: Callable, *args, **kwargs) -> tuple[Callable, list]:
+    """`(program, arrays)`: the `jax.jit` program a call of the `lean_jit` function
+    `fn` runs, and the flat list of arrays it is called on (`jpc._jit` internals,
+    for timing a program without the Python work of a call around it)."""
+    treedef, slots, arrays = _jit.flatten((args, kwargs))
+    return jax.jit(_jit._traceable(fn.__wrapped__, treedef, slots)), arrays
+
+
+def cost(compiled) -> dict[str, float]:
+    """XLA's static cost analysis of a `jax.stages.Compiled` program."""
+    analysis = compiled.cost_analysis()
+    return analysis[0] if isinstance(analysis, list) else analysis
+
+
 def program_stats(impls, p: Problem) -> dict[str, dict[str, Any]]:
     """XLA's cost analysis and the size of each compiled step program.
 
@@ -268,12 +283,11 @@ def program_stats(impls, p: Problem) -> dict[str, dict[str, Any]]:
         if lowered is None:
             continue
         compiled = lowered.compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
+        analysis = cost(compiled)
         text = compiled.as_text()
         out[impl] = {
-            "flops": float(cost.get("flops", float("nan"))),
-            "bytes": float(cost.get("bytes accessed", float("nan"))),
+            "flops": float(analysis.get("flops", float("nan"))),
+            "bytes": float(analysis.get("bytes accessed", float("nan"))),
             "instructions": sum(1 for line in text.splitlines() if " = " in line),
             "fusions": text.count(" fusion("),
             "host_callbacks": sum(

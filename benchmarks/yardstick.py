@@ -68,6 +68,18 @@ def adam_update(params, grads, state, lr, b1=0.9, b2=0.999, eps=1e-8):
     return params, (count, mu, nu)
 
 
+def infer(params: Params, x, y, act: Callable, n_steps: int, activity_lr: float):
+    """Feedforward init, then `n_steps` SGD steps on the hidden activities in a
+    `lax.fori_loop`; returns `[z_1, ..., z_{L-1}]`."""
+    grad_z = jax.grad(energy, argnums=1)
+
+    def body(_, zs):
+        grads = grad_z(params, zs, x, y, act)
+        return [z - activity_lr * g for z, g in zip(zs, grads)]
+
+    return jax.lax.fori_loop(0, n_steps, body, feedforward(params, act, x)[:-1])
+
+
 @functools.cache
 def make_pc_step(act: Callable, n_steps: int, activity_lr: float, param_lr: float):
     """`step(params, opt_state, x, y) -> (params, opt_state, energy)`, one `jax.jit`.
@@ -76,15 +88,10 @@ def make_pc_step(act: Callable, n_steps: int, activity_lr: float, param_lr: floa
     the parameters at the final activities. Hyperparameters are closed over, so a
     call passes only arrays (the fastest dispatch `jax.jit` has).
     """
-    grad_z = jax.grad(energy, argnums=1)
 
     @jax.jit
     def step(params, opt_state, x, y):
-        def body(_, zs):
-            grads = grad_z(params, zs, x, y, act)
-            return [z - activity_lr * g for z, g in zip(zs, grads)]
-
-        hidden = jax.lax.fori_loop(0, n_steps, body, feedforward(params, act, x)[:-1])
+        hidden = infer(params, x, y, act, n_steps, activity_lr)
         e, grads = jax.value_and_grad(energy)(params, hidden, x, y, act)
         params, opt_state = adam_update(params, grads, opt_state, param_lr)
         return params, opt_state, e

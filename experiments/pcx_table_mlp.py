@@ -415,18 +415,18 @@ def collect(args, done: dict) -> dict:
         for method in args.methods:
             prefix = f"{dataset}/{method}/"
             keys = [k for k in planned if k.startswith(prefix) and k in done]
-            seeds = [done[k] for k in keys if "/search/" not in k]
+            trials = [k for k in keys if "/search/" in k]
+            seeds = [done[k] for k in keys if k not in trials]
             row = {
                 "n_seeds": len(seeds),
-                "n_search": sum("/search/" in k for k in keys),
+                "n_search": len(trials),
                 "search": [
                     {
                         "name": k.rsplit("/", 1)[1],
                         "config": done[k]["params"]["config"],
                         "val_acc": search_score(done[k]["result"]),
                     }
-                    for k in keys
-                    if "/search/" in k
+                    for k in trials
                 ],
             }
             if seeds:
@@ -509,11 +509,11 @@ def format_search(args, table: dict) -> list[str]:
             trials = {t["name"]: t["val_acc"] for t in row["search"]}
             if not trials:
                 continue
-            best = (
-                max(trials, key=trials.get)
-                if len(trials) == len(search_grid(DEFAULTS[method]))
-                else None
-            )
+            # The seeds were trained with the chosen trial's setting.
+            chosen = [
+                t["name"] for t in row["search"] if t["config"] == row.get("config")
+            ]
+            best = chosen[0] if chosen else None
             cells = [
                 "–"
                 if name not in trials
