@@ -218,3 +218,72 @@ def test_grad_snr_needs_a_shared_leading_axis():
         jpc.compute_grad_snr([jnp.ones(())])
     with pytest.raises(ValueError, match=r"shapes \[\(3, 2\), \(4,\)\]"):
         jpc.compute_grad_snr([(jnp.ones((3, 2)), jnp.ones(4))])
+
+
+# ------------------------------------------------------------------ scale invariance
+
+
+def _scaled(tree, s):
+    return jax.tree.map(lambda v: v * jnp.asarray(s, v.dtype), tree)
+
+
+def _random_layers(dtype, *, samples=None, seed=0):
+    rng = np.random.default_rng(seed)
+    lead = () if samples is None else (samples,)
+    shapes = [(3, 4), (5, 3), (2, 5)]
+    ws = [jnp.asarray(rng.normal(size=lead + s), dtype) for s in shapes]
+    bs = [jnp.asarray(rng.normal(size=lead + s[:1]), dtype) for s in shapes]
+    return [_Layer(w, b) for w, b in zip(ws, bs)]
+
+
+_SCALES = [1e-20, 1e20]
+_RTOL = {jnp.float32: 1e-5, jnp.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("scale", _SCALES)
+def test_cosine_similarity_is_scale_invariant(dtype, scale):
+    """Squared norms of 1e±20-sized float32 gradients over/underflow; the cosine
+    must not notice."""
+    a, b = _random_layers(dtype, seed=0), _random_layers(dtype, seed=1)
+    ref = jpc.compute_grad_cosine_similarity(a, b)
+    for pair in [(_scaled(a, scale), b), (_scaled(a, scale), _scaled(b, scale))]:
+        out = jpc.compute_grad_cosine_similarity(*pair)
+        for k in ("per_layer", "overall"):
+            np.testing.assert_allclose(out[k], ref[k], rtol=_RTOL[dtype])
+            assert np.all(np.isfinite(out[k]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("scale", _SCALES)
+def test_grad_snr_is_scale_invariant(dtype, scale):
+    """With `eps` scaled along (`eps=0` here) the SNR is a ratio of like sizes."""
+    grads = _random_layers(dtype, samples=8)
+    ref = jpc.compute_grad_snr(grads, eps=0.0)
+    out = jpc.compute_grad_snr(_scaled(grads, scale), eps=0.0)
+    for k in ("per_layer", "overall"):
+        np.testing.assert_allclose(out[k], ref[k], rtol=_RTOL[dtype])
+        assert np.all(np.isfinite(out[k]))
+    # The unscaled value against numpy's mean/std, so both sides are checked.
+    g = np.asarray(grads[0].weight, np.float64).reshape(8, -1)
+    b = np.asarray(grads[0].bias, np.float64).reshape(8, -1)
+    g = np.concatenate([g, b], 1)
+    expected = np.mean(np.abs(g.mean(0)) / g.std(0))
+    np.testing.assert_allclose(ref["per_layer"][0], expected, rtol=_RTOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("scale", _SCALES)
+def test_layer_grad_variance_ratios_are_scale_invariant(dtype, scale):
+    grads = _random_layers(dtype)
+    ref = jpc.compute_layer_grad_variance_ratios(grads)
+    out = jpc.compute_layer_grad_variance_ratios(_scaled(grads, scale))
+    np.testing.assert_allclose(out["ratios"], ref["ratios"], rtol=_RTOL[dtype])
+    # Variances are var(W) itself: checked against numpy where they fit the dtype.
+    expected = [np.var(np.asarray(layer.weight, np.float64)) for layer in grads]
+    np.testing.assert_allclose(ref["variances"], expected, rtol=_RTOL[dtype])
+    mixed = [grads[0], _scaled(grads[1], scale), grads[2]]
+    ratios = jpc.compute_layer_grad_variance_ratios(mixed, reference=0)["ratios"]
+    np.testing.assert_allclose(
+        ratios[2] / ratios[1], expected[2] / expected[1] / scale**2, rtol=_RTOL[dtype]
+    )
