@@ -1,9 +1,11 @@
 """The standard predictive-coding energy."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._checks import (
     LOSSES,
@@ -129,8 +131,14 @@ def layer_energies(
     param_type: str,
     gamma: Any = None,
     output_energy_scaling: Any = None,
+    hidden_energy_scaling: Any = None,
 ) -> list[Array]:
-    """Energies `[E_1, ..., E_L]` of each layer (batch means, no regulariser)."""
+    """Energies `[E_1, ..., E_L]` of each layer (batch means, no regulariser).
+
+    The hidden terms `E_1..E_{L-1}` are weighted by the precisions
+    `hidden_energy_scaling` (see `hidden_precisions`), the output term by
+    `output_energy_scaling`.
+    """
     model, skip_model = params
     inputs, names = layer_inputs(activities, x)
     scalings = get_param_scalings(
@@ -147,20 +155,90 @@ def layer_energies(
                 f"shape {pred.shape}."
             )
         energies.append(0.5 * jnp.sum((z - pred) ** 2) / batch)
+    kappas = hidden_precisions(hidden_energy_scaling, len(energies))
+    energies = [e if k is None else k * e for e, k in zip(energies, kappas)]
     output_energy = LOSS_FNS[loss](preds[-1], y)
     if output_energy_scaling is not None:
         output_energy = output_energy_scaling * output_energy
     return [*energies, output_energy]
 
 
+def hidden_precisions(hidden_energy_scaling: Any, n_hidden: int) -> list:
+    r"""One precision $\kappa_l$ per hidden term (`None` where it is 1).
+
+    `hidden_energy_scaling` is `None`, a scalar, or one value per hidden term (a
+    sequence or a 1-D array of length `n_hidden`); see `check_hidden_scaling` for
+    the checks made where the option enters.
+    """
+    if hidden_energy_scaling is None:
+        return [None] * n_hidden
+    if not _shape(hidden_energy_scaling):
+        return [hidden_energy_scaling] * n_hidden
+    return [hidden_energy_scaling[i] for i in range(n_hidden)]
+
+
+def _shape(value: Any) -> tuple:
+    """Shape of a number, an array or a sequence of numbers (read, not computed)."""
+    if isinstance(value, (list, tuple)):
+        return (len(value),)
+    return tuple(getattr(value, "shape", ()))
+
+
+def check_hidden_scaling(hidden_energy_scaling: Any, model: Any) -> None:
+    """Trace-time check of `hidden_energy_scaling` against a model of `L` layers.
+
+    A sequence or array must have one value per hidden term (`L - 1`); values
+    known at trace time (Python numbers, concrete arrays) must be finite and
+    positive.
+    """
+    value = hidden_energy_scaling
+    if value is None:
+        return
+    n_hidden = len(model) - 1
+    if isinstance(value, bool) or (
+        not isinstance(value, (list, tuple))
+        and not hasattr(value, "shape")
+        and not isinstance(value, (int, float, np.number))
+    ):
+        raise TypeError(
+            "`hidden_energy_scaling` must be None, a number or one number per hidden "
+            f"term, got {type(value).__name__} {value!r:.60}."
+        )
+    if len(_shape(value)) > 1 or _shape(value) not in ((), (n_hidden,)):
+        raise ValueError(
+            f"`hidden_energy_scaling` must be a scalar or hold one value per hidden "
+            f"term (L - 1 = {n_hidden} for a model of {len(model)} layers), got "
+            f"shape {_shape(value)}."
+        )
+    try:
+        values = np.asarray(value, dtype=float)
+    except (
+        TypeError,
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerArrayConversionError,
+    ):
+        return  # traced: checked by the caller's own runtime checks, if any
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(
+            "`hidden_energy_scaling` (the hidden precisions) must be finite and "
+            f"positive, got {value!r:.80}."
+        )
+
+
 def energy_options(kw) -> tuple:
-    """`(loss, param_type, gamma, output_energy_scaling)` from energy keyword options.
+    """`(loss, param_type, gamma, output_energy_scaling, hidden_energy_scaling)`.
 
     The trailing positional arguments of [`layer_energies`][] and `infer_energies`,
     taken from a dict of the keyword options of the step helpers (or the unpacked
     `args` of the vector field).
     """
-    return kw["loss_id"], kw["param_type"], kw["gamma"], kw["output_energy_scaling"]
+    return (
+        kw["loss_id"],
+        kw["param_type"],
+        kw["gamma"],
+        kw["output_energy_scaling"],
+        kw.get("hidden_energy_scaling"),
+    )
 
 
 def record_order(energies: list) -> list:
@@ -185,11 +263,12 @@ def pc_energy_fn(
     record_layers: bool = False,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> Float[Array, ""] | Float[Array, " layers"]:
     r"""Batch-mean predictive-coding energy $\mathcal{F}$.
 
     $$\mathcal{F} = \frac{1}{B}\sum_i\Big[\frac{\lambda}{2}\lVert y_i
-    - a_L f_L(z_{L-1,i})\rVert^2 + \sum_{l<L}\frac{1}{2}\lVert z_{l,i}
+    - a_L f_L(z_{L-1,i})\rVert^2 + \sum_{l<L}\frac{\kappa_l}{2}\lVert z_{l,i}
     - a_l f_l(z_{l-1,i})
     - s_l(z_{l-1,i})\rVert^2\Big] + R,$$
 
@@ -215,6 +294,12 @@ def pc_energy_fn(
     - `record_layers`: return the per-layer energies instead of their sum.
     - `gamma`: optional output scaling; $a_L$ is divided by it.
     - `output_energy_scaling`: output precision $\lambda$ (default 1).
+    - `hidden_energy_scaling`: hidden precisions $\kappa_l$: `None` (every
+        $\kappa_l = 1$), one number for every hidden term, or one value per hidden
+        term (a sequence or array of length `L - 1`, layer order). Traced: a new
+        value does not recompile. The μPC setting of Innocenti et al. (2025) for
+        deep residual networks is $\lambda = \gamma^2 N L$, $\kappa_l = L$ (see
+        the theory page).
 
     **Returns:**
 
@@ -225,11 +310,22 @@ def pc_energy_fn(
     **Raises:**
 
     `ValueError` if `loss` or `param_type` is unknown, the list lengths do not
-    match the model, or batch and feature sizes do not fit.
+    match the model, batch and feature sizes do not fit, or
+    `hidden_energy_scaling` has the wrong length or a value that is not finite and
+    positive.
     """
     check_energy_inputs(params, activities, y, x, loss, param_type)
+    check_hidden_scaling(hidden_energy_scaling, params[0])
     energies = layer_energies(
-        params, activities, y, x, loss, param_type, gamma, output_energy_scaling
+        params,
+        activities,
+        y,
+        x,
+        loss,
+        param_type,
+        gamma,
+        output_energy_scaling,
+        hidden_energy_scaling,
     )
     if record_layers:
         return jnp.stack(record_order(energies))

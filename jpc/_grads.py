@@ -1,10 +1,12 @@
 """Gradients of the PC energy with respect to activities and parameters."""
 
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.tree_util as jtu
+from diffrax import AbstractStepSizeController
 
 from ._energies import check_energy_inputs, pc_energy_fn
 from ._present import keyword_hints
@@ -28,6 +30,7 @@ def compute_pc_activity_grad(
     activity_decay: Scalar = 0.0,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[Float[Array, ""], list[Array]]:
     r"""Energy and its gradient $\partial\mathcal{F}/\partial z_l$.
 
@@ -55,6 +58,7 @@ def compute_pc_activity_grad(
         activity_decay=activity_decay,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
 
 
@@ -72,6 +76,7 @@ def compute_pc_param_grads(
     activity_decay: Scalar = 0.0,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Gradient $\partial\mathcal{F}/\partial\theta$ at the given activities.
 
@@ -95,6 +100,7 @@ def compute_pc_param_grads(
         activity_decay=activity_decay,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )[1]
 
 
@@ -116,6 +122,7 @@ VECTOR_FIELD_ARGS = (
     "activity_decay",
     "gamma",
     "output_energy_scaling",
+    "hidden_energy_scaling",
 )
 
 
@@ -126,17 +133,18 @@ def vector_field_args(params, y, x, **energy_kwargs) -> tuple:
 
 def unpack_vector_field_args(args: tuple) -> dict[str, Any]:
     """Keyword arguments of the energy from the `args` tuple of the vector field."""
-    if not isinstance(args, tuple) or len(args) not in (8, 10, 11):
+    if not isinstance(args, tuple) or len(args) not in (8, 10, 11, 12):
         raise ValueError(
             "`args` must be `(params, y, x, loss_id, param_type, weight_decay, "
             "spectral_penalty, activity_decay[, gamma, output_energy_scaling"
-            "[, stepsize_controller]])`, got "
+            "[, hidden_energy_scaling][, stepsize_controller]])`, got "
             f"{type(args).__name__} {args!r:.80}."
         )
-    # The 11-tuple of the JPC library ends with the step-size controller, which
-    # the vector field does not use.
-    args = args[:10]
-    return dict(zip(VECTOR_FIELD_ARGS, args + (None,) * (10 - len(args))))
+    # The JPC library's forms end with the step-size controller, which the vector
+    # field does not use.
+    args = tuple(a for a in args if not isinstance(a, AbstractStepSizeController))
+    n = len(VECTOR_FIELD_ARGS)
+    return dict(zip(VECTOR_FIELD_ARGS, args + (None,) * (n - len(args))))
 
 
 def neg_pc_activity_grad(t: Any, activities: Activities, args: tuple) -> list[Array]:
@@ -147,9 +155,9 @@ def neg_pc_activity_grad(t: Any, activities: Activities, args: tuple) -> list[Ar
     - `t`: time (unused; the field is autonomous).
     - `activities`: current activities.
     - `args`: `(params, y, x, loss_id, param_type, weight_decay, spectral_penalty,
-        activity_decay)`, optionally followed by `gamma, output_energy_scaling` and
-        then a step-size controller (the JPC library's 11-entry form; the
-        controller is ignored here).
+        activity_decay)`, optionally followed by `gamma, output_energy_scaling`,
+        then `hidden_energy_scaling`, and then a step-size controller (the JPC
+        library's forms; the controller is ignored here).
 
     **Returns:**
 

@@ -7,6 +7,7 @@ skip, else $0$). The per-example energy of [`jpc.pc_energy_fn`][] is then a quad
 in the hidden activities, whose minimum is available in closed form.
 """
 
+from collections.abc import Sequence
 from typing import Any, TypedDict
 
 import equinox as eqx
@@ -15,8 +16,10 @@ import jax.tree_util as jtu
 import optax
 
 from ._checks import check_batch, check_model, check_opt_state, traced_floats
+from ._energies import check_hidden_scaling, hidden_precisions
 from ._layers import get_param_scalings, weight_matrices
 from ._types import Array, Float, Model, Params, ParamType, PyTree, Scalar
+from ._updates import optax_update
 from ._utils import _ACT_FNS
 
 
@@ -143,18 +146,28 @@ def precision(output_energy_scaling: Any) -> Any:
     return 1.0 if output_energy_scaling is None else output_energy_scaling
 
 
+def hidden_precision_list(hidden_energy_scaling: Any, model: Any) -> list:
+    r"""$[\kappa_1, \dots, \kappa_{L-1}]$ (1 where not given), checked."""
+    check_hidden_scaling(hidden_energy_scaling, model)
+    kappas = hidden_precisions(hidden_energy_scaling, len(model) - 1)
+    return [1.0 if k is None else k for k in kappas]
+
+
 # ------------------------------------------------------------------ equilibrium energy
 
 
-def rescaling_and_product(maps: list, lam: Any) -> tuple[Array, Array]:
-    r"""$S = I/\lambda + \sum_{l=1}^{L-1} P_l P_l^\top$ with $P_l = M_L\cdots M_{l+1}$,
-    and the end-to-end map $M_L \cdots M_1$."""
+def rescaling_and_product(
+    maps: list, lam: Any, kappas: list | None = None
+) -> tuple[Array, Array]:
+    r"""$S = I/\lambda + \sum_{l=1}^{L-1} P_l P_l^\top/\kappa_l$ with
+    $P_l = M_L\cdots M_{l+1}$, and the end-to-end map $M_L \cdots M_1$."""
+    kappas = [1.0] * (len(maps) - 1) if kappas is None else kappas
     out_dim = maps[-1].shape[0]
     product = jnp.eye(out_dim, dtype=maps[-1].dtype)
     rescaling = product / lam
-    for m in reversed(maps[1:]):
+    for m, kappa in zip(reversed(maps[1:]), reversed(kappas)):
         product = product @ m
-        rescaling = rescaling + product @ product.T
+        rescaling = rescaling + (product @ product.T) / kappa
     return rescaling, product @ maps[0]
 
 
@@ -165,11 +178,12 @@ def compute_linear_equilib_rescaling(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> Float[Array, "d_out d_out"]:
     r"""The matrix $S$ that rescales the loss at the inference equilibrium.
 
-    $$S = \frac{I}{\lambda} + \sum_{l=2}^{L} (M_L\cdots M_l)(M_L\cdots M_l)^\top,
-    \qquad M_l = a_l W_l + s_l I,$$
+    $$S = \frac{I}{\lambda} + \sum_{l=2}^{L} \frac{1}{\kappa_{l-1}}
+    (M_L\cdots M_l)(M_L\cdots M_l)^\top, \qquad M_l = a_l W_l + s_l I,$$
 
     so that the equilibrium energy is $\mathcal{F}^* = \frac{1}{2B}\sum_i r_i^\top
     S^{-1} r_i$ (see [`jpc.linear_equilib_energy`][]). Without skips,
@@ -184,8 +198,9 @@ def compute_linear_equilib_rescaling(
         `eqx.nn.Linear(..., use_bias=False)`, custom modules). Every non-`None`
         entry of `skip_model` is taken to be the identity.
     - `x`: input `(batch, d_in)`; only its width is read (for `"mupc"`/`"ntp"`).
-    - `param_type`, `gamma`, `output_energy_scaling`: as for
-        [`jpc.pc_energy_fn`][] ($\lambda$ is `output_energy_scaling`, default 1).
+    - `param_type`, `gamma`, `output_energy_scaling`, `hidden_energy_scaling`: as
+        for [`jpc.pc_energy_fn`][] ($\lambda$ is `output_energy_scaling`, default
+        1; $\kappa_l$ the hidden precisions, default 1).
 
     **Returns:**
 
@@ -198,7 +213,8 @@ def compute_linear_equilib_rescaling(
     """
     maps = params_maps(params, x, param_type, gamma)
     check_data(maps, x, None)
-    return rescaling_and_product(maps, precision(output_energy_scaling))[0]
+    kappas = hidden_precision_list(hidden_energy_scaling, params[0])
+    return rescaling_and_product(maps, precision(output_energy_scaling), kappas)[0]
 
 
 def linear_equilib_energy(
@@ -210,6 +226,7 @@ def linear_equilib_energy(
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
     return_rescaling: bool = False,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> Float[Array, ""] | tuple[Float[Array, ""], Float[Array, "d_out d_out"]]:
     r"""Energy of a deep linear network at the inference equilibrium, in closed form.
 
@@ -220,12 +237,13 @@ def linear_equilib_energy(
     (Innocenti et al., NeurIPS 2024), with $S$ from
     [`jpc.compute_linear_equilib_rescaling`][]. This is exactly the minimum over the
     hidden activities of [`jpc.pc_energy_fn`][] with `loss="mse"` and the same
-    `param_type`, `gamma` and `output_energy_scaling` (batch-mean normalisation).
+    `param_type`, `gamma`, `output_energy_scaling` and `hidden_energy_scaling`
+    (batch-mean normalisation).
 
     **Arguments:**
 
-    - `params`, `x`, `param_type`, `gamma`, `output_energy_scaling`: as for
-        [`jpc.compute_linear_equilib_rescaling`][].
+    - `params`, `x`, `param_type`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: as for [`jpc.compute_linear_equilib_rescaling`][].
     - `y`: targets `(batch, d_out)`.
     - `return_rescaling`: also return $S$.
 
@@ -240,7 +258,10 @@ def linear_equilib_energy(
     """
     maps = params_maps(params, x, param_type, gamma)
     check_data(maps, x, y)
-    rescaling, product = rescaling_and_product(maps, precision(output_energy_scaling))
+    kappas = hidden_precision_list(hidden_energy_scaling, params[0])
+    rescaling, product = rescaling_and_product(
+        maps, precision(output_energy_scaling), kappas
+    )
     residuals = y - x @ product.T
     whitened = jnp.linalg.solve(rescaling, residuals.T).T
     energy = 0.5 * jnp.sum(residuals * whitened) / y.shape[0]
@@ -258,6 +279,7 @@ def compute_linear_equilib_energy_grads(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[PyTree, PyTree]:
     r"""Gradient of [`jpc.linear_equilib_energy`][] with respect to the parameters.
 
@@ -273,10 +295,13 @@ def compute_linear_equilib_energy_grads(
     `(model_grads, skip_model_grads)`, shaped like `params` (`None` where a leaf is
     not an array).
     """
-    return _energy_and_grads(params, x, y, param_type, gamma, output_energy_scaling)[1]
+    options = (gamma, output_energy_scaling, hidden_energy_scaling)
+    return _energy_and_grads(params, x, y, param_type, *options)[1]
 
 
-def _energy_and_grads(params, x, y, param_type, gamma, output_energy_scaling):
+def _energy_and_grads(
+    params, x, y, param_type, gamma, output_energy_scaling, hidden_energy_scaling
+):
     def energy(p):
         return linear_equilib_energy(
             p,
@@ -285,12 +310,13 @@ def _energy_and_grads(params, x, y, param_type, gamma, output_energy_scaling):
             param_type=param_type,
             gamma=gamma,
             output_energy_scaling=output_energy_scaling,
+            hidden_energy_scaling=hidden_energy_scaling,
         )
 
     return eqx.filter_value_and_grad(energy)(tuple(params))
 
 
-@traced_floats("gamma", "output_energy_scaling")
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def update_linear_equilib_energy_params(
     params: Params,
     optim: optax.GradientTransformation,
@@ -301,6 +327,7 @@ def update_linear_equilib_energy_params(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> LinearParamUpdate:
     """One optax step on the parameters down the closed-form equilibrium energy.
 
@@ -308,8 +335,8 @@ def update_linear_equilib_energy_params(
 
     **Arguments:**
 
-    - `params`, `x`, `y`, `param_type`, `gamma`, `output_energy_scaling`: as for
-        [`jpc.linear_equilib_energy`][].
+    - `params`, `x`, `y`, `param_type`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: as for [`jpc.linear_equilib_energy`][].
     - `optim`, `opt_state`: an optax optimiser and its state, made with
         `optim.init((eqx.filter(model, eqx.is_array), skip_model))`.
 
@@ -319,10 +346,15 @@ def update_linear_equilib_energy_params(
     `(model_grads, skip_model_grads)` and the new `opt_state`.
     """
     check_opt_state(optim, opt_state, tuple(params))
-    _, grads = _energy_and_grads(params, x, y, param_type, gamma, output_energy_scaling)
-    arrays = eqx.filter(tuple(params), eqx.is_array)
-    updates, opt_state = optim.update(grads, opt_state, arrays)
-    model, skip_model = eqx.apply_updates(tuple(params), updates)
+    options = (gamma, output_energy_scaling, hidden_energy_scaling)
+    energy, grads = _energy_and_grads(params, x, y, param_type, *options)
+
+    def energy_fn(p):
+        return _energy_and_grads(p, x, y, param_type, *options)[0]
+
+    (model, skip_model), opt_state = optax_update(
+        tuple(params), grads, optim, opt_state, energy, energy_fn
+    )
     return LinearParamUpdate(
         model=model, skip_model=skip_model, grads=grads, opt_state=opt_state
     )
