@@ -11,7 +11,11 @@ CPU/wall is above 1 when several cores work at once). Every workload also
 times `yardstick_sync` (the yardstick waiting for each result) and records
 XLA's cost analysis (FLOPs, bytes, instructions, fusions, host callbacks) of
 each compiled program, so that a gap in work is told apart from a gap in
-scheduling. Sections: the workloads (W1-W4 and the overhead probe W0) with
+scheduling. On W4 (the default ODE path) the yardsticks are also
+`yardstick_ode`, the same ODE inference written directly (the stop with its
+line-search check), and `yardstick_ode_plain` (the plain field test only); the
+inferred activities of `jpc.solve_inference` and `yardstick_ode` are checked to
+agree first. Sections: the workloads (W1-W4 and the overhead probe W0) with
 the ODE solver-step counts (steady-state stop vs a fixed horizon) and the
 cost of `record_energies=True` on W4; step and compile time against depth;
 compilations on new float hyperparameters; W0 again with `EQX_ON_ERROR=nan`
@@ -49,6 +53,7 @@ from . import yardstick as ys
 
 ACTIVITY_LR = 0.1
 PARAM_LR = 1e-3
+MAX_T1 = 20.0  # the default ODE path's horizon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +92,10 @@ WORKLOADS = {
     ),
     "W4": Workload(
         "W4", 784, 300, 3, 10, "tanh", 64,
-        impls=("yardstick", "yardstick_sync", "ode", "ode_record_energies"),
+        impls=(
+            "yardstick", "yardstick_sync", "yardstick_ode", "yardstick_ode_plain",
+            "ode", "ode_record_energies",
+        ),
         note="W1 with the default ODE path (Heun + PID, max_t1=20)",
     ),
 }  # fmt: skip
@@ -150,6 +158,24 @@ def impl_yardstick_sync(p: Problem):
         return state, marker.block_until_ready()
 
     return synced, state
+
+
+def impl_yardstick_ode(p: Problem, polish: bool = True):
+    """The default ODE path written directly (`yardstick.make_ode_pc_step`)."""
+    act = jpc.get_act_fn(p.workload.act)
+    pc_step = ys.make_ode_pc_step(act, MAX_T1, PARAM_LR, polish)
+
+    def step(state):
+        params, opt_state, energy = pc_step(*state, p.x, p.y)
+        return (params, opt_state), energy
+
+    return step, (p.params, ys.adam_init(p.params))
+
+
+def impl_yardstick_ode_plain(p: Problem):
+    """`yardstick_ode` with the plain steady-state test only (no line-search
+    check): the floor of any stop that looks at the field after each step."""
+    return impl_yardstick_ode(p, polish=False)
 
 
 def impl_bp_yardstick(p: Problem):
@@ -219,6 +245,8 @@ def impl_bp(p: Problem):
 IMPLS: dict[str, Callable] = {
     "yardstick": impl_yardstick,
     "yardstick_sync": impl_yardstick_sync,
+    "yardstick_ode": impl_yardstick_ode,
+    "yardstick_ode_plain": impl_yardstick_ode_plain,
     "fused": impl_fused,
     "ode": impl_ode,
     "ode_record_energies": impl_ode_record_energies,
@@ -240,6 +268,9 @@ def _lowered(impl: str, p: Problem):
         return ys.make_pc_step(act, w.n_steps, ACTIVITY_LR, PARAM_LR).lower(*yargs)
     if impl == "bp_yardstick":
         return ys.make_bp_step(act, PARAM_LR).lower(*yargs)
+    if impl in ("yardstick_ode", "yardstick_ode_plain"):
+        polish = impl == "yardstick_ode"
+        return ys.make_ode_pc_step(act, MAX_T1, PARAM_LR, polish).lower(*yargs)
     opt_state = adam_state(p, p.model)
     common = (p.model, p.optim, opt_state, p.y)
     if impl == "bp":
@@ -325,6 +356,25 @@ def check_same_maths(times: dict, name: str) -> dict[str, float]:
             raise AssertionError(f"{ours} and {theirs} differ on {name}: {err:.2e}")
         errors[ours] = err
     return errors
+
+
+def check_same_ode(p: Problem) -> float:
+    """Largest relative difference between the activities inferred by
+    `jpc.solve_inference` (default ODE path) and by `yardstick.infer_ode`.
+
+    The inferred states are compared, not the parameters after a step: Adam
+    normalises each gradient entry, so round-off in a near-zero gradient moves a
+    parameter by up to the learning rate.
+    """
+    act = jpc.get_act_fn(p.workload.act)
+    z0 = jpc.init_activities_with_ffwd(p.model, p.x)
+    ours = jpc.solve_inference((p.model, None), z0, p.y, input=p.x, max_t1=MAX_T1)
+    theirs = jax.jit(lambda *a: ys.infer_ode(*a, act, MAX_T1))(p.params, p.x, p.y)
+    scale = max(float(jnp.max(jnp.abs(z))) for z in theirs)
+    err = max(float(jnp.max(jnp.abs(a[-1] - b))) for a, b in zip(ours, theirs))
+    if not err / scale < 1e-5:
+        raise AssertionError(f"ode and yardstick_ode differ: {err / scale:.2e}")
+    return err / scale
 
 
 # ------------------------------------------------------------------- timing
@@ -444,6 +494,8 @@ def run_workloads(names, rounds, target) -> dict:
         impls = {impl: IMPLS[impl](p) for impl in w.impls}
         entry["times"] = time_interleaved(impls, rounds, target)
         entry["max_rel_diff_vs_yardstick"] = check_same_maths(entry["times"], name)
+        if "yardstick_ode" in w.impls:
+            entry["ode_max_rel_diff_vs_yardstick_ode"] = check_same_ode(p)
         entry["programs"] = program_stats(w.impls, p)
         for t in entry["times"].values():
             del t["first_state"]
@@ -680,6 +732,17 @@ def check_targets(results: dict) -> dict[str, Any]:
         if "fused" in programs and "yardstick" in programs:
             r = programs["fused"]["flops"] / programs["yardstick"]["flops"]
             out[f"{name} program flops, fused/yardstick"] = f"{r:.4f}"
+        if "yardstick_ode" in entry["times"] and "ode" in entry["times"]:
+            for base in ("yardstick_ode", "yardstick_ode_plain"):
+                if base not in entry["times"]:
+                    continue
+                limit = 1.1 if base == "yardstick_ode" else None
+                for kind in ("wall, ratio of medians", "wall, paired", "CPU, paired"):
+                    r = _ratio(entry, "ode", kind) / _ratio(entry, base, kind)
+                    key = f"{name} ode/{base}" + (f" <= {limit}" if limit else "")
+                    out[f"{key} ({kind})"] = (
+                        verdict(r, r <= limit) if limit else f"{r:.3f}"
+                    )
         if "ode_record_energies" in entry["times"] and "ode" in entry["times"]:
             for kind in ("wall, ratio of medians", "wall, paired", "CPU, paired"):
                 r = _ratio(entry, "ode_record_energies", kind) / _ratio(

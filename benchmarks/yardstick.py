@@ -6,7 +6,9 @@ identity (the layout of `jpc.make_mlp`). One `jax.jit` holds the whole step: the
 feedforward initialisation, `T` SGD steps on the hidden activities in a
 `lax.fori_loop`, the parameter gradient at the final state and an Adam update.
 The energy is the standard PC energy with the batch-mean normalisation and an
-MSE output term.
+MSE output term. `make_ode_pc_step` is the same step with the default
+continuous-time inference instead (diffrax's Heun solver, a PID controller and the
+steady-state stop, written directly with `jax.grad`/`jax.jvp`).
 No jpc code is used here.
 """
 
@@ -108,5 +110,98 @@ def make_bp_step(act: Callable, param_lr: float):
         loss, grads = jax.value_and_grad(bp_loss)(params, x, y, act)
         params, opt_state = adam_update(params, grads, opt_state, param_lr)
         return params, opt_state, loss
+
+    return step
+
+
+# ------------------------------------------------------------------ ODE inference
+# The default continuous-time inference of the package, written directly:
+# dz/dt = -∂F/∂z with diffrax's Heun solver and a PID step-size controller from
+# t = 0 to `max_t1`, stopping once every example's every hidden layer is steady
+# (B·rms(∂F/∂z) <= atol + rtol·rms(z); B undoes the batch mean), or when that holds
+# one exact line-search step along the field further, with the step's own length
+# within the same tolerance (`polish=True`; `False` keeps the plain test only).
+
+
+def _ratio(fields: list, zs: list, rtol: float, atol: float) -> jax.Array:
+    """max over layers and examples of B·rms(f) / (atol + rtol·rms(z))."""
+    batch = zs[0].shape[0]
+
+    def rms(a):
+        return jnp.sqrt(jnp.mean(a**2, axis=1))
+
+    ratios = [batch * rms(f) / (atol + rtol * rms(z)) for f, z in zip(fields, zs)]
+    return jnp.max(jnp.stack([jnp.max(r) for r in ratios]))
+
+
+def infer_ode(
+    params: Params,
+    x,
+    y,
+    act: Callable,
+    max_t1: float,
+    rtol: float = 1e-3,
+    atol: float = 1e-3,
+    polish: bool = True,
+):
+    """Feedforward init, then the ODE solve; returns `[z_1, ..., z_{L-1}]`."""
+    import diffrax as dfx  # only the ODE yardstick needs it
+
+    batch = y.shape[0]
+
+    def field(zs):
+        grads = jax.grad(energy, argnums=1)(params, zs, x, y, act)
+        return [-g for g in grads]
+
+    def polished(zs, fs):
+        d = [batch * f for f in fs]
+        _, neg_hd = jax.jvp(field, (zs,), (d,))
+        sq = sum(jnp.sum(di**2, axis=1) for di in d)
+        curv = -batch * sum(jnp.sum(di * hi, axis=1) for di, hi in zip(d, neg_hd))
+        step = jnp.where(curv > 0, sq / jnp.where(curv > 0, curv, 1), 0)
+        moves = [step[:, None] * di for di in d]
+        new = field([z + m for z, m in zip(zs, moves)])
+        moved = [m / batch for m in moves]
+        return jnp.maximum(_ratio(new, zs, rtol, atol), _ratio(moved, zs, rtol, atol))
+
+    def cond_fn(t, zs, args, **kwargs):
+        fs = field(zs)
+        ratio = _ratio(fs, zs, rtol, atol)
+        if not polish:
+            return ratio <= 1
+        return jax.lax.cond(
+            (ratio > 1) & (ratio < 1e3),
+            lambda: polished(zs, fs) <= 1,
+            lambda: ratio <= 1,
+        )
+
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, zs, args: field(zs)),
+        dfx.Heun(),
+        0.0,
+        max_t1,
+        None,
+        feedforward(params, act, x)[:-1],
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+        event=dfx.Event(cond_fn),
+        max_steps=4096,
+    )
+    return [z[-1] for z in sol.ys]
+
+
+@functools.cache
+def make_ode_pc_step(act: Callable, max_t1: float, param_lr: float, polish=True):
+    """`step(params, opt_state, x, y) -> (params, opt_state, energy)`, one `jax.jit`.
+
+    Feedforward init → the ODE solve of `infer_ode` → Adam on the parameters at
+    the final activities.
+    """
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        hidden = infer_ode(params, x, y, act, max_t1, polish=polish)
+        e, grads = jax.value_and_grad(energy)(params, hidden, x, y, act)
+        params, opt_state = adam_update(params, grads, opt_state, param_lr)
+        return params, opt_state, e
 
     return step
