@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
+from ._jit import raise_pending_step_errors
 from ._types import PyTree
 
 
@@ -69,27 +70,74 @@ def _from_raw(raw: PyTree, like: PyTree) -> PyTree:
     return jtu.tree_map(restore, raw, like)
 
 
-def save_checkpoint(path: str | os.PathLike, state: PyTree) -> None:
+def _non_finite_leaf(state: PyTree) -> str | None:
+    """Key path of the first floating-point leaf holding NaN or inf, or `None`."""
+    for path, leaf in jtu.tree_flatten_with_path(state)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        inexact = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+        if (isinstance(leaf, float) or (_is_saved(leaf) and inexact)) and not np.all(
+            np.isfinite(np.asarray(leaf))
+        ):
+            return jtu.keystr(path)
+    return None
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(
+    path: str | os.PathLike, state: PyTree, *, allow_non_finite: bool = False
+) -> None:
     """Save a training state (any pytree) to the file `path`.
 
     Typically `state = dict(model=..., skip_model=..., opt_state=..., key=...,
     step=...)`: every array leaf (parameters, optimiser moments, PRNG keys, both
     typed `jax.random.key` and legacy `uint32` ones) and every Python or NumPy
-    scalar (a step counter) is saved with `eqx.tree_serialise_leaves`; non-array
-    leaves such as activation functions are not saved and come from the template
-    given to [`jpc.load_checkpoint`][]. The file is written to a temporary file
-    beside `path` and then renamed, so an interrupted save leaves any previous
-    checkpoint at `path` intact.
+    scalar (a step counter, or the position of a
+    [`jpc.datasets.batches`][] iterator) is saved with
+    `eqx.tree_serialise_leaves`; non-array leaves such as activation functions are
+    not saved and come from the template given to [`jpc.load_checkpoint`][]. The
+    file is written to a temporary file beside `path` and then renamed, so an
+    interrupted save leaves any previous checkpoint at `path` intact. The file's
+    permissions follow the process's umask, as for a file made with `open`.
+
+    A diverged step must not end up on disk as a valid model, so before writing
+    anything the runtime check of the last call of every training step is
+    reported (training steps report a failed check at their next call by default,
+    see [`jpc.set_step_error_timing`][]) and every floating-point leaf must be
+    finite.
 
     **Arguments:**
 
     - `path`: file to write (parent directories are created).
     - `state`: the pytree to save.
+    - `allow_non_finite`: save floating-point leaves holding NaN or inf instead of
+        raising (default `False`).
 
     **Returns:**
 
     Nothing.
+
+    **Raises:**
+
+    `eqx.EquinoxRuntimeError` if the last call of a training step failed its
+    runtime check (e.g. its energy was not finite); `ValueError` if a
+    floating-point leaf holds NaN or inf and `allow_non_finite=False` (the message
+    names the leaf). Nothing is written in either case.
     """
+    raise_pending_step_errors()
+    if not allow_non_finite:
+        bad = _non_finite_leaf(state)
+        if bad is not None:
+            raise ValueError(
+                f"`state` leaf `{bad}` holds NaN or inf; refusing to save it as a "
+                "checkpoint (a diverged step?). Pass `allow_non_finite=True` to save "
+                "it anyway."
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = json.dumps(_header(state)).encode() + b"\n"
@@ -98,6 +146,7 @@ def save_checkpoint(path: str | os.PathLike, state: PyTree) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(header)
             eqx.tree_serialise_leaves(f, _to_raw(state))
+        os.chmod(tmp, 0o666 & ~_umask())  # `mkstemp` makes the file 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -192,13 +192,23 @@ def _cache_dir(name: str) -> Path:
     return base / name
 
 
-def _candidate_dirs(name: str, data_dir) -> list[Path]:
-    roots = [data_dir, os.environ.get("JPC_DATA_DIR")]
-    dirs = []
-    for root in roots:
+def _candidate_dirs(name: str, data_dir) -> Iterator[Path]:
+    """The folders to search, in order; a given folder that does not exist raises
+    (when it is reached), rather than the search silently moving on to the cache."""
+    env = os.environ.get("JPC_DATA_DIR")
+    roots = ((data_dir, "`data_dir`"), (env, "$JPC_DATA_DIR"))
+    for root, what in roots:
         if root:
-            dirs += [Path(root).expanduser(), Path(root).expanduser() / name]
-    return dirs + [_cache_dir(name)]
+            root = Path(root).expanduser()
+            if not root.is_dir():
+                raise FileNotFoundError(
+                    f"{what} is {str(root)!r}, which is not an existing folder; it "
+                    f"was to be searched for the {name} files. Point it to the "
+                    "folder holding the IDX .gz files (or a parent with a "
+                    f"`{name}/` subfolder)."
+                )
+            yield from (root, root / name)
+    yield _cache_dir(name)
 
 
 def find_dataset(
@@ -221,7 +231,8 @@ def find_dataset(
 
     **Raises:**
 
-    `ValueError` if `name` is unknown.
+    `ValueError` if `name` is unknown; `FileNotFoundError` naming the folder if
+    `data_dir` or `$JPC_DATA_DIR` is set to a folder that does not exist.
     """
     _check_choice("name", name, _DATASETS)
     filenames = [f for split in splits for f in _FILES[split]]
@@ -360,16 +371,18 @@ def load_idx_dataset(
     **Raises:**
 
     `ValueError` for an unknown `name` or `split`, a malformed file or a checksum
-    mismatch; `FileNotFoundError` if the files are missing and `download=False`;
-    `DownloadError` if every mirror fails.
+    mismatch; `FileNotFoundError` if the files are missing and `download=False`
+    (the message lists the folders searched), or if `data_dir` or `$JPC_DATA_DIR`
+    names a folder that does not exist; `DownloadError` if every mirror fails.
     """
     _check_choice("name", name, _DATASETS)
     _check_choice("split", split, _FILES)
     directory = find_dataset(name, data_dir, splits=(split,))
     if directory is None and not download:
+        searched = ", ".join(str(d) for d in _candidate_dirs(name, data_dir))
         raise FileNotFoundError(
-            f"{name} ({split}) not found in data_dir={data_dir!r}, $JPC_DATA_DIR or "
-            f"{_cache_dir(name)}, and `download=False`."
+            f"{name} ({split}) not found in any of the folders searched ({searched}), "
+            "and `download=False`."
         )
     if directory is None:
         directory = download_dataset(name, split, timeout)
@@ -529,25 +542,47 @@ def batches(
     key_or_seed,
     drop_last: bool = True,
     n_epochs: int | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    *,
+    start: int = 0,
+) -> "BatchIterator":
     """Iterate over shuffled minibatches, reshuffling with NumPy at every epoch.
+
+    The iterator's `position` (the number
+    of batches drawn so far) can be saved with a checkpoint; `batches(...,
+    start=position)` with the same data, `batch_size`, `key_or_seed`, `drop_last`
+    and `n_epochs` then gives the batches an uninterrupted run would have seen
+    next:
+
+    ```python
+    it = datasets.batches(x, y, 64, key)
+    ...  # train, then
+    jpc.save_checkpoint(path, dict(model=model, opt_state=opt_state, data=it.position))
+    # later, in a new process
+    state = jpc.load_checkpoint(path, like)
+    it = datasets.batches(x, y, 64, key, start=state["data"])
+    ```
 
     **Arguments:**
 
     - `x`, `y`: arrays with the same leading size `n`.
     - `batch_size`: examples per batch.
-    - `key_or_seed`: an `int` seed, a `np.random.Generator` or a JAX PRNG key.
+    - `key_or_seed`: an `int` seed, a `np.random.Generator` or a JAX PRNG key. To
+      resume with `start`, pass a seed or key (a generator that has already been
+      used cannot be replayed).
     - `drop_last`: skip each epoch's last batch if it is smaller than `batch_size`.
     - `n_epochs`: number of passes over the data; `None` iterates for ever.
+    - `start`: number of batches already drawn (a saved
+      `position`); the iterator skips them,
+      replaying the earlier epochs' shuffles. Default `0`.
 
     **Returns:**
 
-    An iterator of `(x_batch, y_batch)` pairs.
+    A [`BatchIterator`][jpc.datasets.BatchIterator] of `(x_batch, y_batch)` pairs.
 
     **Raises:**
 
-    `ValueError` if `x` and `y` differ in length, or `batch_size` is not positive or
-    (with `drop_last`) larger than `n`.
+    `ValueError` if `x` and `y` differ in length, `batch_size` is not positive or
+    (with `drop_last`) larger than `n`, or `start` is not a non-negative integer.
     """
     n = len(x)
     if len(y) != n:
@@ -557,17 +592,61 @@ def batches(
             f"`batch_size` must be in [1, {n}] (the number of examples), got "
             f"{batch_size}."
         )
+    if isinstance(start, bool) or not isinstance(start, int | np.integer) or start < 0:
+        raise ValueError(
+            "`start` must be a non-negative integer (the number of batches already "
+            f"drawn), got {start!r}."
+        )
     rng = _as_generator(key_or_seed)
-    return _batch_iterator(x, y, batch_size, rng, drop_last, n_epochs)
+    return BatchIterator(x, y, batch_size, rng, drop_last, n_epochs, int(start))
 
 
-def _batch_iterator(x, y, batch_size, rng, drop_last, n_epochs):
-    n = len(x)
-    stop = n - n % batch_size if drop_last else n
-    epoch = 0
-    while n_epochs is None or epoch < n_epochs:
-        order = rng.permutation(n)
-        for start in range(0, stop, batch_size):
-            idx = order[start : start + batch_size]
-            yield x[idx], y[idx]
-        epoch += 1
+class BatchIterator:
+    """Shuffled minibatches whose position can be saved and resumed.
+
+    Made by [`batches`][jpc.datasets.batches]; iterate over it for
+    `(x_batch, y_batch)` pairs. Where it is:
+
+    - `position`: the number of batches drawn so far, an `int` to save with a
+      checkpoint and pass back as `batches(..., start=position)`;
+    - `epoch`, `step`: the epoch of the next batch and its index within that
+      epoch (both from 0), so `position = epoch * batches_per_epoch + step`.
+    """
+
+    def __init__(self, x, y, batch_size, rng, drop_last, n_epochs, start):
+        n = len(x)
+        self._x, self._y, self._batch_size, self._rng = x, y, batch_size, rng
+        self._stop = n - n % batch_size if drop_last else n
+        self._per_epoch = -(-self._stop // batch_size)
+        self._n_epochs = n_epochs
+        self.position = start
+        for _ in range(min(self.epoch, self.epoch if n_epochs is None else n_epochs)):
+            rng.permutation(n)  # replay the shuffles of the skipped epochs
+        self._order, self._order_epoch = rng.permutation(n), self.epoch
+
+    position: int
+    """Batches drawn so far: the `start` that resumes here."""
+
+    @property
+    def epoch(self) -> int:
+        """Index of the epoch of the next batch (from 0)."""
+        return self.position // self._per_epoch
+
+    @property
+    def step(self) -> int:
+        """Index of the next batch within its epoch (from 0)."""
+        return self.position % self._per_epoch
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._n_epochs is not None and self.epoch >= self._n_epochs:
+            raise StopIteration
+        if self.epoch != self._order_epoch:
+            self._order = self._rng.permutation(len(self._x))
+            self._order_epoch = self.epoch
+        first = self.step * self._batch_size
+        idx = self._order[first : min(first + self._batch_size, self._stop)]
+        self.position += 1
+        return self._x[idx], self._y[idx]

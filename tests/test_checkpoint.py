@@ -200,3 +200,151 @@ def test_not_a_checkpoint(tmp_path):
     path.write_text('{"format": "jpc.checkpoint", "version": 99}\n')
     with pytest.raises(ValueError, match="has format version 99"):
         jpc.load_checkpoint(path, dict(a=jnp.ones(2)))
+
+
+# ------------------------------------------------- nothing silent, nothing lost
+
+
+def nan_input_step(key, input_value=np.nan, output_value=0.0, discrete=True):
+    """One `make_pc_step` whose `input` (or `output`) holds a non-finite value."""
+    model = jpc.make_mlp(key, 3, 4, 2, 2, "tanh")
+    optim = optax.sgd(0.1)
+    state = optim.init((eqx.filter(model, eqx.is_array), None))
+    x = jnp.ones((2, 3)).at[1, 0].set(input_value)
+    y = jnp.zeros((2, 2)).at[0, 1].set(output_value)
+    kwargs = dict(activity_optim=optax.sgd(0.1), n_inference_steps=2)
+    if not discrete:
+        kwargs = {}
+    return jpc.make_pc_step(model, optim, state, y, input=x, **kwargs)
+
+
+def test_save_refuses_non_finite_leaves_and_names_them(tmp_path):
+    path = tmp_path / "s.eqx"
+    state = dict(model=dict(w=[jnp.ones(2), jnp.array([1.0, jnp.nan])]), step=3)
+    with pytest.raises(
+        ValueError, match=r"leaf `\['model'\]\['w'\]\[1\]` holds NaN or inf"
+    ):
+        jpc.save_checkpoint(path, state)
+    with pytest.raises(ValueError, match=r"leaf `\['lr'\]` holds NaN or inf"):
+        jpc.save_checkpoint(path, dict(w=jnp.ones(2), lr=float("inf")))
+    with pytest.raises(ValueError, match=r"leaf `\['m'\]` holds NaN or inf"):
+        jpc.save_checkpoint(path, dict(m=np.array([np.inf], np.float32)))
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    # integer leaves and typed keys are never "non-finite"
+    jpc.save_checkpoint(path, dict(n=jnp.arange(3), key=jr.key(0)))
+    # told otherwise, the NaN is saved and loaded back as it was
+    jpc.save_checkpoint(path, state, allow_non_finite=True)
+    like = dict(model=dict(w=[jnp.zeros(2), jnp.zeros(2)]), step=0)
+    assert_bitwise_equal(jpc.load_checkpoint(path, like), state)
+
+
+def test_save_reports_a_pending_failed_step_first(tmp_path, key):
+    path = tmp_path / "s.eqx"
+    out = nan_input_step(key)  # returns at once; its check is pending
+    state = dict(model=out["model"], step=1)
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"^make_pc_step: `input` contains NaN or inf"
+    ):
+        jpc.save_checkpoint(path, state, allow_non_finite=True)
+    assert not path.exists()
+    jpc.save_checkpoint(path, dict(w=jnp.ones(2)))  # reported once
+
+
+@pytest.mark.parametrize(
+    "discrete", [True, pytest.param(False, marks=pytest.mark.slow)]
+)
+def test_runtime_errors_name_the_non_finite_argument(key, raise_at_call, discrete):
+    """Both inference paths of `make_pc_step` say which clamp held the NaN."""
+    with pytest.raises(
+        eqx.EquinoxRuntimeError,
+        match=r"^make_pc_step: `input` contains NaN or inf; inference needs finite",
+    ):
+        nan_input_step(key, discrete=discrete)
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"^make_pc_step: `output` contains NaN or inf"
+    ):
+        nan_input_step(key, input_value=1.0, output_value=np.inf, discrete=discrete)
+    nan_input_step(key, input_value=1.0, discrete=discrete)  # finite: no error
+
+
+def test_bp_step_names_the_non_finite_argument(key, raise_at_call):
+    model = jpc.make_mlp(key, 3, 4, 2, 2, "tanh")
+    optim = optax.sgd(0.1)
+    state = optim.init((eqx.filter(model, eqx.is_array), None))
+    x, y = jnp.ones((2, 3)), jnp.zeros((2, 2))
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"^make_bp_step: `input` contains NaN or inf"
+    ):
+        jpc.make_bp_step(model, optim, state, y, input=x.at[0, 0].set(np.nan))
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"^make_bp_step: `output` contains NaN or inf"
+    ):
+        jpc.make_bp_step(model, optim, state, y.at[0, 0].set(-np.inf), input=x)
+    broken = eqx.tree_at(
+        lambda m: m[0].layers[1].weight, model, model[0].layers[1].weight * np.nan
+    )
+    with pytest.raises(
+        eqx.EquinoxRuntimeError, match=r"^make_bp_step: the loss is not finite"
+    ):
+        jpc.make_bp_step(broken, optim, state, y, input=x)
+
+
+def test_bp_step_check_is_deferred_by_default(key):
+    model = jpc.make_mlp(key, 3, 4, 2, 2, "tanh")
+    optim = optax.sgd(0.1)
+    state = optim.init((eqx.filter(model, eqx.is_array), None))
+    x, y = jnp.ones((2, 3)), jnp.zeros((2, 2))
+    jpc.make_bp_step(model, optim, state, y, input=x.at[0, 0].set(np.nan))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="call of `make_bp_step`"):
+        jpc.raise_pending_step_errors()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_file_permissions_follow_the_umask(tmp_path, umask):
+    path = tmp_path / "s.eqx"
+    previous = os.umask(umask)
+    try:
+        jpc.save_checkpoint(path, dict(w=jnp.ones(2)))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+AT_EXIT = """
+import jax, jax.numpy as jnp, numpy as np, equinox as eqx, optax
+import jpc
+model = jpc.make_mlp(jax.random.PRNGKey(0), 3, 4, 2, 2, "tanh")
+optim = optax.sgd(0.1)
+state = optim.init((eqx.filter(model, eqx.is_array), None))
+x = jnp.ones((2, 3)).at[1, 0].set(np.nan)
+jpc.make_pc_step(model, optim, state, jnp.zeros((2, 2)), input=x,
+                 activity_optim=optax.sgd(0.1), n_inference_steps=2)
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_failed_check_pending_at_exit_is_printed():
+    root = str(Path(jpc.__file__).resolve().parent.parent)
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-c", AT_EXIT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "done"
+    assert (
+        "jpc: the last call of `make_pc_step` failed its runtime check, which was "
+        "still pending at exit (its results are not valid): make_pc_step: `input` "
+        "contains NaN or inf" in proc.stderr
+    ), proc.stderr[-3000:]
+    # and a successful last step prints nothing
+    ok = AT_EXIT.replace(".set(np.nan)", ".set(2.0)")
+    proc = subprocess.run(
+        [sys.executable, "-c", ok], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and "jpc:" not in proc.stderr, proc.stderr[-3000:]

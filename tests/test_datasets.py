@@ -8,6 +8,7 @@ The network is never used: `urllib.request.urlopen` is replaced by a fake.
 import gzip
 import hashlib
 import io
+import re
 import struct
 import sys
 import urllib.error
@@ -345,3 +346,90 @@ def test_batches_reject_bad_arguments():
         datasets.batches(np.zeros(3), np.zeros(3), 4, 0)
     with pytest.raises(ValueError, match=r"`batch_size` must be in \[1, 3\]"):
         datasets.batches(np.zeros(3), np.zeros(3), 0, 0)
+
+
+def _labels(it, n):
+    return [yb for _, yb in (next(it) for _ in range(n))]
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("stop_at", [0, 3, 4, 5, 11])
+def test_resumed_batches_equal_an_uninterrupted_run(tmp_path, drop_last, stop_at):
+    """Save the position with a checkpoint, resume: the same batches follow."""
+    import jax.random as jr
+
+    import jpc
+
+    n, batch = 18, 5  # 3 full batches (+ a partial one) per epoch
+    x, y = np.arange(n)[:, None] * np.ones((1, 2)), np.arange(n)
+    key = jr.key(4)
+    uninterrupted = _labels(datasets.batches(x, y, batch, key, drop_last), 14)
+    it = datasets.batches(x, y, batch, key, drop_last)
+    first = _labels(it, stop_at)
+    per_epoch = 3 if drop_last else 4
+    assert (it.position, it.epoch, it.step) == (
+        stop_at,
+        stop_at // per_epoch,
+        stop_at % per_epoch,
+    )
+    jpc.save_checkpoint(tmp_path / "s.eqx", dict(data=it.position, key=key))
+    state = jpc.load_checkpoint(tmp_path / "s.eqx", dict(data=0, key=jr.key(0)))
+    resumed = datasets.batches(
+        x, y, batch, state["key"], drop_last, start=state["data"]
+    )
+    after = _labels(resumed, 14 - stop_at)
+    assert len(first + after) == len(uninterrupted)
+    for a, b in zip(first + after, uninterrupted):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resumed_batches_respect_n_epochs():
+    x = y = np.arange(10)
+    full = [b for _, b in datasets.batches(x, y, 5, 3, n_epochs=2)]
+    rest = [b for _, b in datasets.batches(x, y, 5, 3, n_epochs=2, start=3)]
+    assert len(full) == 4 and len(rest) == 1
+    np.testing.assert_array_equal(rest[0], full[3])
+    assert list(datasets.batches(x, y, 5, 3, n_epochs=2, start=4)) == []
+    assert list(datasets.batches(x, y, 5, 3, n_epochs=2, start=10**9)) == []
+
+
+@pytest.mark.parametrize("start", [-1, 1.5, True, "3"])
+def test_batches_reject_a_bad_start(start):
+    with pytest.raises(ValueError, match="`start` must be a non-negative integer"):
+        datasets.batches(np.zeros(3), np.zeros(3), 1, 0, start=start)
+
+
+def test_a_data_folder_that_does_not_exist_is_named(env, monkeypatch):
+    nowhere = env / "no" / "such"
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"`data_dir` is '{nowhere}', which is not an existing folder; it was "
+        "to be searched for the mnist files",
+    ):
+        datasets.load_mnist("test", nowhere)
+    monkeypatch.setenv("JPC_DATA_DIR", str(nowhere))
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"\$JPC_DATA_DIR is '{nowhere}', which is not an existing folder",
+    ):
+        datasets.load_mnist("test")  # not downloaded into the cache instead
+    with pytest.raises(FileNotFoundError, match=r"\$JPC_DATA_DIR is"):
+        datasets.find_mnist()
+    assert not (env / "cache").exists()
+    # a `data_dir` that holds the files is used before JPC_DATA_DIR is looked at
+    given = _write_split(env / "given", "test", 2)
+    np.testing.assert_array_equal(
+        datasets.load_mnist("test", env / "given")[1], given[1]
+    )
+
+
+def test_missing_files_message_lists_the_folders_searched(env, monkeypatch):
+    (env / "shared").mkdir()
+    monkeypatch.setenv("JPC_DATA_DIR", str(env / "shared"))
+    searched = [env / "shared", env / "shared" / "mnist", env / "cache" / "mnist"]
+    searched = [str(d) for d in searched]
+    with pytest.raises(
+        FileNotFoundError,
+        match=re.escape(f"in any of the folders searched ({', '.join(searched)})"),
+    ):
+        datasets.load_mnist("test", download=False)
