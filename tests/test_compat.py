@@ -126,6 +126,50 @@ def test_compute_param_norms_layout():
     assert skip_norms is None and norms.shape == (4,)
 
 
+def test_make_mlp_param_norms_layout(key):
+    """make_mlp's first activation (the identity) holds no leaf, later ones one:
+    norms are [|W1|, |b1|, 0, |W2|, |b2|, 0, |W3|, |b3|]."""
+    model = jpc.make_mlp(key, 3, 4, 3, 2, "tanh", use_bias=True)
+    assert jax.tree_util.tree_leaves(model[0].layers[0]) == []
+    linears = [block.layers[1] for block in model]
+    want = []
+    for i, lin in enumerate(linears):
+        want += ([] if i == 0 else [0.0]) + [
+            float(jnp.linalg.norm(lin.weight)),
+            float(jnp.linalg.norm(lin.bias)),
+        ]
+    norms, skip_norms = jpc.compute_param_norms((model, jpc.make_skip_model(3)))
+    assert len(jax.tree_util.tree_leaves(model)) == 8
+    np.testing.assert_allclose(norms, want, rtol=1e-12)
+    assert skip_norms.shape == (0,)  # identity skips hold no leaves either
+    x = jr.normal(jr.PRNGKey(3), (5, 3))
+    w = [lin.weight for lin in linears]
+    b = [lin.bias for lin in linears]
+    got = jpc.init_activities_with_ffwd(model, x)
+    np.testing.assert_allclose(got[-1], ref_forward(w, b, x)[-1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_make_mlp_gives_each_linear_one_split_key(key, use_bias):
+    """`keys = split(key, depth)`, layer i is `eqx.nn.Linear(..., key=keys[i])`;
+    for "mupc"/"ntp" its weight is redrawn as `normal(keys[i], shape)`."""
+    dims, depth = [3, 4, 4, 2], 3
+    keys = jr.split(key, depth)
+    want = [
+        eqx.nn.Linear(dims[i], dims[i + 1], use_bias=use_bias, key=keys[i])
+        for i in range(depth)
+    ]
+    sp = jpc.make_mlp(key, 3, 4, depth, 2, "relu", use_bias=use_bias)
+    assert_trees_close([blk.layers[1] for blk in sp], want, rtol=0)
+    for param_type in ("mupc", "ntp"):
+        model = jpc.make_mlp(key, 3, 4, depth, 2, "relu", use_bias, param_type)
+        for i, blk in enumerate(model):
+            normal = jr.normal(keys[i], want[i].weight.shape)
+            np.testing.assert_array_equal(blk.layers[1].weight, normal)
+            if use_bias:
+                np.testing.assert_array_equal(blk.layers[1].bias, want[i].bias)
+
+
 def ref_forward(weights, biases, x):
     """`make_mlp` forward pass by hand: z1 = W0 x + b0, z_l = W tanh(z_{l-1}) + b."""
     z, out = x, []
@@ -162,6 +206,7 @@ def test_make_pc_step_metrics_and_energies_layout(key):
     acc = 100 * np.mean(np.argmax(pred, 1) == np.argmax(y, 1))
     np.testing.assert_allclose(out["acc"], acc)
     leaves = jax.tree_util.tree_leaves(model)
+    assert len(leaves) == 8  # W, b, then 2 x (act fn, W, b)
     want = [float(jnp.linalg.norm(v)) if eqx.is_array(v) else 0.0 for v in leaves]
     np.testing.assert_allclose(out["model_param_norms"], want, rtol=1e-12)
     assert out["skip_model_param_norms"] is None

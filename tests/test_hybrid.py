@@ -102,6 +102,32 @@ def test_hpc_param_grads_against_autodiff_and_fd(key, supervised):
     assert_trees_close(eqx.filter(grads, eqx.is_array), fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("supervised", [True, False])
+def test_hpc_accepts_generator_list_with_output_slot(key, supervised):
+    """The generator's own list (generator order, trailing output slot) and the
+    amortiser-order list give the same loss and gradients, equal to the formula;
+    so do `amort_activities` with and without their trailing slot."""
+    generator, amortiser, obs, labels = make_problem(key)
+    label = labels if supervised else None
+    amort = jpc.init_activities_with_amort(amortiser, generator, obs)
+    if supervised:  # exactly as `init_activities_with_ffwd` returns it
+        equilib = jpc.init_activities_with_ffwd(generator, labels)
+    else:
+        equilib = equilibrium_like(jr.PRNGKey(9), supervised)
+    want = ref_hpc(amortiser, equilib, amort, obs, label)
+    want_terms = np.array(ref_hpc_terms(amortiser, equilib, amort, obs, label)[::-1])
+    want_grads = eqx.filter_grad(ref_hpc)(amortiser, equilib, amort, obs, label)
+    assert float(want) > 1e-3  # the equilibrium differs from the guesses
+    for eq in (equilib, equilib[-2::-1]):
+        for am in (amort, amort[:-1]):
+            got = jpc.hpc_energy_fn(amortiser, eq, am, obs, label)
+            np.testing.assert_allclose(got, want, rtol=1e-12)
+            terms = jpc.hpc_energy_fn(amortiser, eq, am, obs, label, True)
+            np.testing.assert_allclose(terms, want_terms, rtol=1e-12)
+            grads = jpc.compute_hpc_param_grads(amortiser, eq, am, obs, label)
+            assert_trees_close(grads, want_grads, rtol=1e-10, atol=1e-14)
+
+
 def init_states(optims, generator, amortiser):
     return (
         optims[0].init((eqx.filter(generator, eqx.is_array), None)),
@@ -245,9 +271,13 @@ def test_errors_raise(key):
     with pytest.raises(ValueError, match="`equilib_activities` must have 2 entries"):
         jpc.hpc_energy_fn(amortiser, amort, amort, obs, labels)
     with pytest.raises(ValueError, match="`equilib_activities` must have 3 entries"):
-        jpc.hpc_energy_fn(amortiser, amort, amort, obs)
+        jpc.hpc_energy_fn(amortiser, amort[:2], amort, obs)
     with pytest.raises(ValueError, match="`amort_activities` must have 4 entries"):
-        jpc.hpc_energy_fn(amortiser, amort, amort[1:], obs)
+        jpc.hpc_energy_fn(amortiser, amort, amort[2:], obs)
+    with pytest.raises(TypeError, match="`equilib_activities` must be a list"):
+        jpc.hpc_energy_fn(amortiser, obs, amort, obs)
+    with pytest.raises(TypeError, match="`amort_activities` must be a list"):
+        jpc.hpc_energy_fn(amortiser, amort, obs, obs)
     with pytest.raises(ValueError, match="must have the same batch size"):
         jpc.hpc_energy_fn(amortiser, amort[1:], amort, obs, labels[:2])
     optims = (optax.sgd(0.1), optax.sgd(0.1))

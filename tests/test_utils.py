@@ -60,7 +60,8 @@ def test_compute_param_norms(key):
     got, got_skip = jpc.compute_param_norms((model, None))
     leaves = jax.tree_util.tree_leaves(model)
     want = [float(jnp.sqrt(jnp.sum(w**2))) if eqx.is_array(w) else 0.0 for w in leaves]
-    assert len(want) == 9 and want.count(0.0) == 3  # 3 x (act fn, weight, bias)
+    # the first block's identity holds no leaf: W, b, then 2 x (act fn, W, b)
+    assert len(want) == 8 and want.count(0.0) == 2
     np.testing.assert_allclose(np.asarray(got, dtype=float), want, rtol=1e-12)
     assert got_skip is None
     _, skip_norms = jpc.compute_param_norms((model, skip))

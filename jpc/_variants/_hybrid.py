@@ -20,7 +20,8 @@ first), `[ẑ_0, ..., ẑ_{L-1}, prediction]`; the generator's inference runs on
 `[z_1, ..., z_L]` when the label is given (supervised, `z_0` clamped to it) and
 `[z_0, ..., z_L]` otherwise, exactly as for [`jpc.pc_energy_fn`][]; the amortiser
 loss reads the generator's free activities in amortiser order, `[z_{L-1}, ...,
-z_1]` (and `z_0` last when there is no label).
+z_1]` (and `z_0` last when there is no label), or the generator's own list with
+its trailing output slot, which it reorders.
 """
 
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from .._checks import (
     check_model,
     check_opt_state,
     check_random_init,
+    check_sequence,
     traced_floats,
 )
 from .._eval import generative_accuracy, infer_energies
@@ -128,14 +130,33 @@ def _amortise_observation(amortiser, generator, output) -> list:
         ) from err
 
 
+def amortiser_order(activities) -> list:
+    """Generator activities `[(z_0,) z_1, ..., z_L]` → free ones in amortiser order."""
+    return list(activities[:-1])[::-1]
+
+
 def _targets(equilib_activities, n_layers, y) -> list:
-    """Targets of the amortiser's layers, in amortiser order (its layer 1 first)."""
+    """Targets of the amortiser's layers, in amortiser order (its layer 1 first).
+
+    One entry more than the free activities is the generator's own list, as
+    [`jpc.init_activities_with_ffwd`][] or [`jpc.solve_inference`][] give it
+    (generator order, trailing output slot): it is put in amortiser order.
+    """
+    check_sequence("equilib_activities", equilib_activities)
     expected = n_layers - 1 if y is not None else n_layers
+    if len(equilib_activities) == expected + 1:
+        equilib_activities = amortiser_order(equilib_activities)
     if len(equilib_activities) != expected:
         if y is not None:
-            layout = "[z_{L-1}, ..., z_1] (amortiser order) with the label `y`"
+            layout = (
+                "[z_{L-1}, ..., z_1] (amortiser order), or the generator's "
+                f"[z_1, ..., z_L] ({expected + 1}, with the output slot), with `y`"
+            )
         else:
-            layout = "[z_{L-1}, ..., z_1, z_0] (amortiser order) without a label"
+            layout = (
+                "[z_{L-1}, ..., z_1, z_0] (amortiser order), or the generator's "
+                f"[z_0, ..., z_L] ({expected + 1}, with the output slot), without `y`"
+            )
         raise ValueError(
             f"`equilib_activities` must have {expected} entries {layout} for a "
             f"{n_layers}-layer amortiser, got {len(equilib_activities)}."
@@ -143,19 +164,16 @@ def _targets(equilib_activities, n_layers, y) -> list:
     return [*equilib_activities, y] if y is not None else list(equilib_activities)
 
 
-def amortiser_order(activities) -> list:
-    """Generator activities `[(z_0,) z_1, ..., z_L]` → free ones in amortiser order."""
-    return list(activities[:-1])[::-1]
-
-
 def _amortiser_layer_energies(model, equilib_activities, amort_activities, x, y):
     """`[E_1, ..., E_L]` in amortiser order (layer 1, fed the observation, first)."""
     check_model(model)
     n_layers = len(model)
-    if len(amort_activities) != n_layers + 1:
+    check_sequence("amort_activities", amort_activities)
+    if len(amort_activities) not in (n_layers, n_layers + 1):
         raise ValueError(
             f"`amort_activities` must have {n_layers + 1} entries (as returned by "
-            f"`init_activities_with_amort`), got {len(amort_activities)}."
+            f"`init_activities_with_amort`), or {n_layers} without the trailing "
+            f"output slot, got {len(amort_activities)}."
         )
     check_batch(x, y, [*equilib_activities, *amort_activities], y_name="x", x_name="y")
     targets = _targets(equilib_activities, n_layers, y)
@@ -194,10 +212,14 @@ def hpc_energy_fn(
 
     - `model`: the amortiser, `L` layers from the observation to the prior.
     - `equilib_activities`: the generator's inferred free activities in amortiser
-        order, as in the JPC library: `[z_{L-1}, ..., z_1]` when `y` is given (for
-        generator activities `[z_1, ..., z_L]`, pass `activities[-2::-1]`) and
-        `[z_{L-1}, ..., z_1, z_0]` otherwise.
-    - `amort_activities`: as returned by [`jpc.init_activities_with_amort`][].
+        order, as in the JPC library: `[z_{L-1}, ..., z_1]` when `y` is given and
+        `[z_{L-1}, ..., z_1, z_0]` otherwise. The generator's own list, as
+        [`jpc.init_activities_with_ffwd`][] or [`jpc.solve_inference`][] return it
+        (`[z_1, ..., z_L]`, or `[z_0, ..., z_L]` without `y`: generator order
+        with the trailing output slot, one entry more), is also accepted and
+        gives the same loss: it is reordered and its slot is never read.
+    - `amort_activities`: as returned by [`jpc.init_activities_with_amort`][],
+        with or without its trailing output slot (never read).
     - `x`: the observation (the amortiser's input).
     - `y`: optional label, the target of the amortiser's last layer.
     - `record_layers`: return the per-layer terms instead of their sum.
@@ -226,9 +248,19 @@ def compute_hpc_param_grads(
 ) -> PyTree:
     """Gradient of [`jpc.hpc_energy_fn`][] with respect to the amortiser.
 
+    **Arguments:**
+
+    As [`jpc.hpc_energy_fn`][]: `equilib_activities` in amortiser order or as the
+    generator's own list (with its trailing output slot), `amort_activities` with
+    or without its slot.
+
     **Returns:**
 
     A pytree shaped like `model` (`None` where a leaf is not an array).
+
+    **Raises:**
+
+    `ValueError` if the list lengths, batch sizes or shapes do not fit.
     """
     return eqx.filter_grad(hpc_energy_fn)(
         model, list(equilib_activities), list(amort_activities), x, y
