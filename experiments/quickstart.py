@@ -1,9 +1,11 @@
 """Quickstart: a PC classifier next to the same network trained by backprop.
 
 The classic "PC from scratch" setting: a 784-300-300-10 tanh MLP, batch 64, Adam(1e-3)
-on the parameters, MSE on one-hot labels, 500 iterations. Each PC step runs 20 SGD(0.1)
+on the parameters, MSE on one-hot labels, 500 iterations. Each PC step runs 20 SGD
 inference steps on the activities inside one compiled program
-([`jpc.make_pc_step`][] with `activity_optim` and `n_inference_steps`); the backprop
+([`jpc.make_pc_step`][] with `activity_optim` and `n_inference_steps`), with a step of
+`--activity-lr` per example ([`jpc.per_example`][]: the energy is a batch mean, so a
+plain `optax.sgd(lr)` would move each example by only `lr / B`); the backprop
 baseline ([`jpc.make_bp_step`][]) starts from the identical initialisation and sees the
 same batches. Both are scored on the full test set with a feedforward pass.
 
@@ -23,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -56,11 +58,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=3, help="number of layers")
     parser.add_argument("--seed", type=int, default=0, help="init and batch order")
     parser.add_argument("--eval-every", type=int, default=25, help="test every N steps")
+    parser.add_argument(
+        "--activity-lr",
+        type=float,
+        default=ACTIVITY_LR,
+        help="activity SGD step per example (jpc.per_example), whatever the batch size",
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     args = parser.parse_args(argv)
     for name in ("iters", "batch_size", "width", "depth", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if not args.activity_lr > 0:
+        parser.error(f"--activity-lr must be positive, got {args.activity_lr}")
     return args
 
 
@@ -113,10 +123,13 @@ def load_data(name: str, data_dir):
 # ------------------------------------------------------------------------ training
 
 
-def make_steps(optim: optax.GradientTransformation) -> dict:
-    """One training step per method, each `(model, opt_state, x, y) -> (..., loss)`."""
+def make_steps(optim: optax.GradientTransformation, activity_lr: float) -> dict:
+    """One training step per method, each `(model, opt_state, x, y) -> (..., loss)`.
+
+    `activity_lr` is the activity SGD step per example.
+    """
     # Built once: a fresh optimiser object per call would recompile every step.
-    activity_optim = optax.sgd(ACTIVITY_LR)
+    activity_optim = jpc.per_example(optax.sgd(activity_lr))
 
     def pc_step(model, opt_state, x, y):
         result = jpc.make_pc_step(
@@ -152,8 +165,8 @@ def train(name, step, model, optim, data, args) -> dict:
     log = {"train_loss": [], "eval_iter": [], "test_loss": [], "test_acc": []}
     step_seconds = []
     _record_eval(log, 0, evaluate(model, x_test, y_test))
-    progress = tqdm(range(1, args.iters + 1), desc=name, dynamic_ncols=True)
-    for it in progress:
+    bar = progress(range(1, args.iters + 1), desc=name, dynamic_ncols=True)
+    for it in bar:
         x, y = next(batches)
         start = time.perf_counter()
         model, opt_state, loss = step(model, opt_state, x, y)
@@ -161,7 +174,7 @@ def train(name, step, model, optim, data, args) -> dict:
         step_seconds.append(time.perf_counter() - start)
         if it % args.eval_every == 0 or it == args.iters:
             _record_eval(log, it, evaluate(model, x_test, y_test))
-            progress.set_postfix(
+            bar.set_postfix(
                 loss=f"{log['train_loss'][-1]:.4f}",
                 test_acc=f"{log['test_acc'][-1]:.2f}%",
             )
@@ -250,7 +263,7 @@ def main(argv=None) -> dict:
     optim = optax.adam(PARAM_LR)
     runs = {
         method: train(method, step, model, optim, data, args)
-        for method, step in make_steps(optim).items()
+        for method, step in make_steps(optim, args.activity_lr).items()
     }
     print_summary(runs)
 
@@ -277,7 +290,7 @@ def _results(args, name, source, x_train, x_test, runs) -> dict:
             "act_fn": "tanh",
             "loss": "mse",
             "param_optim": f"adam({PARAM_LR})",
-            "activity_optim": f"sgd({ACTIVITY_LR})",
+            "activity_optim": f"per_example(sgd({args.activity_lr}))",
             "n_inference_steps": N_INFERENCE_STEPS,
         },
         "jax": {"version": jax.__version__, "backend": jax.default_backend()},
