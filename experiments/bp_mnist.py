@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     log = dict(test_acc=[], epoch_seconds=[], train_loss=[])
     for _ in range(args.epochs):
         start, losses = time.perf_counter(), []
-        for _ in tqdm(range(n_batches), desc=f"epoch {len(log['test_acc']) + 1}"):
+        for _ in progress(range(n_batches), desc=f"epoch {len(log['test_acc']) + 1}"):
             x, y = next(batches)
             out = jpc.make_bp_step(
                 model, optim, state, jnp.asarray(y), input=jnp.asarray(x),

@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -503,7 +503,7 @@ def ratio_study(data, args) -> dict:
     Var(∇W_{l+1}) / Var(∇W_l).
     """
     study = {}
-    for width in tqdm(args.ratio_study_widths, desc="variance study", leave=False):
+    for width in progress(args.ratio_study_widths, desc="variance study", leave=False):
         lr, steps = args.ratio_study_lr, args.ratio_study_steps
         out = run(width, lr, data, args, n_steps=steps)
         var = np.asarray(out["variances"])
@@ -574,7 +574,7 @@ def main(argv=None) -> dict:
         return out
     results, seconds = {}, {}
     grid = list(itertools.product(args.widths, args.activity_lrs))
-    for width, lr in tqdm(grid, desc="width × activity lr", dynamic_ncols=True):
+    for width, lr in progress(grid, desc="width × activity lr", dynamic_ncols=True):
         start = time.perf_counter()
         results[f"{width}/{lr}"] = run(width, lr, data, args)
         seconds[f"{width}/{lr}"] = time.perf_counter() - start

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     keys = ("numerical", "theory", "linear_solve", "feedforward_loss")
     log = {"iter": [], **{k: [] for k in keys}}
     start = time.perf_counter()
-    for it in tqdm(range(args.iters + 1), desc="linear PCN", dynamic_ncols=True):
+    for it in progress(range(args.iters + 1), desc="linear PCN", dynamic_ncols=True):
         x, y = map(jnp.asarray, next(batches))
         model, opt_state, energies = step(model, opt_state, x, y)
         if it % args.record_every == 0:

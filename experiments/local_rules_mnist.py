@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -320,7 +320,7 @@ def run_method(name, step, rule, model, train, test, probe, args) -> dict:
     batches = datasets.batches(*train, args.batch_size, args.seed, n_epochs=args.epochs)
     n_per_epoch = len(train[0]) // args.batch_size
     start = time.perf_counter()
-    bar = tqdm(total=n_per_epoch * args.epochs, desc=name, dynamic_ncols=True)
+    bar = progress(total=n_per_epoch * args.epochs, desc=name, dynamic_ncols=True)
     for it, (x, y) in enumerate(batches, 1):
         key, sub = jr.split(key)
         state, loss = step(state, jnp.asarray(x), jnp.asarray(y), sub)

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
 from experiments import _runner
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -184,7 +184,9 @@ def train(method: Method, train_data, test, params: dict) -> dict:
     log = {"eval_iter": [0], "test_acc": [method.test_acc(test)], "diverged": False}
     log["train_loss"], seconds, cpu_seconds = [], [], []
     desc = f"{method.name} depth {method.n_steps}"
-    for it in tqdm(range(1, n_iters + 1), desc=desc, dynamic_ncols=True, leave=False):
+    for it in progress(
+        range(1, n_iters + 1), desc=desc, dynamic_ncols=True, leave=False
+    ):
         x, y = next(batches)
         start, cpu_start = time.perf_counter(), time.process_time()
         try:

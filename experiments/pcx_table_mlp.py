@@ -47,10 +47,10 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
 from experiments import _runner
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -264,7 +264,7 @@ def train_run(cfg, data, epochs, seed, batch_size, beta, eval_splits, desc=""):
     batches = datasets.batches(x_train, y_train, batch_size, seed)
     log = {f"{s}_acc": [] for s in eval_splits}
     log.update(train_loss=[], epoch_seconds=[], epoch_cpu_seconds=[], diverged=False)
-    for epoch in tqdm(range(epochs), desc=desc, dynamic_ncols=True, leave=False):
+    for epoch in progress(range(epochs), desc=desc, dynamic_ncols=True, leave=False):
         start, cpu_start, losses = time.perf_counter(), time.process_time(), []
         for it in range(per_epoch):
             lr = schedule(epoch * per_epoch + it)

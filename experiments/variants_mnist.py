@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -225,7 +225,7 @@ def run(name, args, train, test) -> dict:
     log = dict(test_acc=[], epoch_seconds=[])
     for epoch in range(args.epochs):
         start = time.perf_counter()
-        for _ in tqdm(range(n_batches), desc=f"{name} epoch {epoch + 1}"):
+        for _ in progress(range(n_batches), desc=f"{name} epoch {epoch + 1}"):
             x, y = next(batches)
             nets, states = step(nets, states, jnp.asarray(x), jnp.asarray(y))
         jax.block_until_ready(nets)

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import jpc
 from experiments import _runner
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -202,7 +203,7 @@ def run_cell(params: dict) -> dict:
     for epoch in range(params["epochs"]):
         start, cpu, losses = time.perf_counter(), time.process_time(), []
         desc = f"{params['method']} {params['dataset']} epoch {epoch + 1}"
-        for _ in tqdm(range(n_batches), desc=desc, leave=False):
+        for _ in progress(range(n_batches), desc=desc, leave=False):
             x, y = next(batches)
             model, state, loss = step(model, optim, state, jnp.asarray(x), y)
             losses.append(loss)

@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import jpc
+from experiments._progress import progress
 from jpc import datasets
 
 
@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
     steps = make_steps(args, optim)
     runs = {name: [] for name in steps}
     jobs = [(s, name) for s in range(args.seeds) for name in steps]
-    for seed, name in tqdm(jobs, desc="zil_moons"):
+    for seed, name in progress(jobs, desc="zil_moons"):
         model = jpc.make_mlp(
             jr.PRNGKey(seed), 2, args.width, args.depth, 2, "leaky_relu", use_bias=True
         )
