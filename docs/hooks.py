@@ -26,6 +26,8 @@ EXAMPLES = {
     "local_rules": "Local rules vs PC vs backprop",
     "linear_theory": "Theory of deep linear networks",
     "vit": "A vision transformer by PC and backprop",
+    "bregman_pc": "Bregman PC on MNIST",
+    "mcpc": "Monte Carlo PC: a generative model that samples",
 }
 MARKER = "<!-- examples-list -->"
 ONE = re.compile(r"<!-- example: (\w+) -->")

@@ -13,9 +13,11 @@ from ._diagnostics import (
     compute_grad_cosine_similarity as compute_grad_cosine_similarity,
     compute_grad_snr as compute_grad_snr,
     compute_layer_grad_variance_ratios as compute_layer_grad_variance_ratios,
+    compute_layer_learning as compute_layer_learning,
     compute_per_example_grads as compute_per_example_grads,
 )
 from ._energies import pc_energy_fn as pc_energy_fn
+from ._epoch import run_steps as run_steps
 from ._eval import (
     compute_infer_energies as compute_infer_energies,
     test_discriminative_pc as test_discriminative_pc,
@@ -26,7 +28,10 @@ from ._grads import (
     compute_pc_param_grads as compute_pc_param_grads,
     neg_pc_activity_grad as neg_pc_activity_grad,
 )
-from ._infer import solve_inference as solve_inference
+from ._infer import (
+    InferenceInfo as InferenceInfo,
+    solve_inference as solve_inference,
+)
 from ._init import (
     init_activities_from_normal as init_activities_from_normal,
     init_activities_with_ffwd as init_activities_with_ffwd,
@@ -34,6 +39,10 @@ from ._init import (
 from ._jit import (
     raise_pending_step_errors as raise_pending_step_errors,
     set_step_error_timing as set_step_error_timing,
+)
+from ._layer_learning import (
+    LayerLearning as LayerLearning,
+    format_layer_learning as format_layer_learning,
 )
 from ._layers import (
     get_param_scalings as get_param_scalings,
@@ -51,6 +60,10 @@ from ._sharding import (
     make_data_mesh as make_data_mesh,
     replicate as replicate,
     shard_batch as shard_batch,
+)
+from ._step_size import (
+    per_example as per_example,
+    scale_by_batch_size as scale_by_batch_size,
 )
 from ._theory import (
     compute_linear_equilib_energy_grads as compute_linear_equilib_energy_grads,
@@ -85,6 +98,16 @@ from ._variants._bidirectional import (
     update_bpc_activities as update_bpc_activities,
     update_bpc_params as update_bpc_params,
 )
+from ._variants._bregman import (
+    bregman_from_preact as bregman_from_preact,
+    bregman_pc_energy_fn as bregman_pc_energy_fn,
+    bregman_phi as bregman_phi,
+    compute_bregman_pc_activity_grad as compute_bregman_pc_activity_grad,
+    compute_bregman_pc_param_grads as compute_bregman_pc_param_grads,
+    init_bregman_pc_activities as init_bregman_pc_activities,
+    update_bregman_pc_activities as update_bregman_pc_activities,
+    update_bregman_pc_params as update_bregman_pc_params,
+)
 from ._variants._dendrites import (
     compute_pdm_activity_grad as compute_pdm_activity_grad,
     compute_pdm_param_grads as compute_pdm_param_grads,
@@ -108,6 +131,10 @@ from ._variants._hybrid import (
     test_hpc as test_hpc,
 )
 from ._variants._incremental import make_ipc_step as make_ipc_step
+from ._variants._mcpc import (
+    make_mcpc_step as make_mcpc_step,
+    sample_generative_pc as sample_generative_pc,
+)
 from ._variants._zil import make_zil_step as make_zil_step
 from ._vit import (
     ClassificationHead as ClassificationHead,

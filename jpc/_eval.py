@@ -3,6 +3,7 @@
 import diffrax as dfx
 import jax
 import jax.numpy as jnp
+import optax
 
 from ._checks import (
     LOSSES,
@@ -13,10 +14,12 @@ from ._checks import (
     traced_floats,
 )
 from ._energies import check_energy_inputs, layer_energies
+from ._grads import unpack_vector_field_args
 from ._infer import (
     DEFAULT_STEADY_STATE_ATOL,
     DEFAULT_STEADY_STATE_RTOL,
     STOP_FLOATS,
+    check_finite_inputs,
     like_data,
     solve,
     stop_options,
@@ -35,6 +38,7 @@ from ._types import (
     Scalar,
     SkipModel,
 )
+from ._updates import discrete_inference
 from ._utils import LOSS_FNS, compute_accuracy
 
 
@@ -48,13 +52,13 @@ def infer_energies(
     param_type,
     gamma=None,
     output_energy_scaling=None,
+    hidden_energy_scaling=None,
 ) -> Array:
     """Per-layer energies `(L, T)`, rows in layer order, `0.` after `t_max`."""
+    options = (gamma, output_energy_scaling, hidden_energy_scaling)
 
     def at(activities):
-        energies = layer_energies(
-            params, activities, y, x, loss, param_type, gamma, output_energy_scaling
-        )
+        energies = layer_energies(params, activities, y, x, loss, param_type, *options)
         return jnp.stack(energies)
 
     energies = jax.vmap(at)(list(activities_iters)).T
@@ -186,29 +190,70 @@ def test_generative_pc(
     max_steps: int | None = None,
     steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
     steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
+    activity_optim: optax.GradientTransformation | None = None,
+    n_inference_steps: int | None = None,
 ) -> tuple[Float[Array, ""], Float[Array, "batch ..."]]:
-    """Evaluate a generative network (label → data) by inferring its input.
+    r"""Evaluate a generative network (label → data) by inferring its input.
 
     Starting from random activities (see [`jpc.init_activities_from_normal`][]),
     inference with the observation `output` clamped finds the latent $z_0$, whose
-    argmax is scored against the labels `input`.
+    argmax is scored against the labels `input` (classification by inference, as
+    in Whittington & Bogacz, 2017).
 
     **Arguments:**
 
     - `model`, `skip_model`, `param_type`, `loss_id`: the network and its energy.
-    - `output`: observations (e.g. images); `input`: one-hot labels.
+    - `output`: observations (e.g. images), `(batch, ...)`; `input`: one-hot
+        labels, `(batch, classes)`.
     - `key`, `layer_sizes`, `batch_size`, `sigma`: random initialisation.
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: inference ODE options.
     - `weight_decay`, `spectral_penalty`, `activity_decay`: energy options.
     - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
         and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
+    - `activity_optim`, `n_inference_steps`: discrete inference instead of the
+        ODE, as in [`jpc.make_pc_step`][]: that many `activity_optim` steps on the
+        activities, in one compiled loop (default `None`: the ODE).
+
+    !!! tip "Settings that classify well and fast"
+
+        The energy is a batch mean, so each example's activity gradient scales as
+        $1/B$ for a batch of $B$ examples, and the ODE path needs `max_t1`
+        proportional to $B$: the default `max_t1=500` suits batches of about 25
+        (`max_t1` = 20 per example). Discrete inference has a fixed cost: for an
+        MNIST generator trained for one epoch (label → 784 pixels, width 128,
+        depth 3), `activity_optim=optax.sgd(0.1 * B)` with `n_inference_steps=100`
+        on batches of $B$ = 100 classified 77.7 % of 1000 test images in 1.6 s
+        against 80.0 % in 37 s for the ODE with `max_t1` = 20 per example (batches
+        of 20, CPU); `optax.sgd(0.02 * B, momentum=0.9)` reached 79.2 % in 3.0 s.
+        See the generative networks section of the basic usage page.
+
+    !!! note "Implicit solvers and memory"
+
+        An implicit `ode_solver` (e.g. `diffrax.Kvaerno5`) solves a nonlinear
+        system at every step with Newton's method on a Jacobian that is dense over
+        the whole state: for a batch of $B$ and layer widths $n_l$ (all of
+        `layer_sizes`) it holds $(B \sum_l n_l)^2$ numbers. For 100 MNIST images
+        and `layer_sizes=[10, 128, 128, 784]` that is $(1.05 \times 10^5)^2
+        \approx 1.1 \times 10^{10}$ numbers, 44 GB in float32. Use an explicit
+        solver (the default `diffrax.Heun`) or discrete inference for anything but
+        small batches of small networks.
 
     **Returns:**
 
     `(input_accuracy_percent, output_predictions)`, the latter the network's
     feedforward prediction of the data from the true labels `input`.
+
+    **Raises:**
+
+    `ValueError` for bad options or inputs (e.g. only one of `activity_optim` and
+    `n_inference_steps`); `eqx.EquinoxRuntimeError` at run time for non-finite
+    inputs or a diverging inference.
     """
+    # Imported here: `_train` imports this module.
+    from ._train import check_inference_options
+
     check_batch(output, input, [], y_name="output", x_name="input")
+    check_inference_options(activity_optim, n_inference_steps)
     check_random_init(model, output, layer_sizes, batch_size)
     args = (
         (model, skip_model),
@@ -224,26 +269,43 @@ def test_generative_pc(
     stop = stop_options(
         "test_generative_pc", max_steps, steady_state_rtol, steady_state_atol
     )
+    discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
     input_acc = generative_accuracy(
-        args, input, (key, layer_sizes, batch_size, sigma), ode, stop
+        args, input, (key, layer_sizes, batch_size, sigma), ode, stop, discrete
     )
     output_preds = _feedforward_prediction(model, input, skip_model, param_type)
     return input_acc, output_preds
 
 
-def generative_accuracy(args, labels, random, ode, stop) -> Array:
+def generative_accuracy(args, labels, random, ode, stop, discrete=None) -> Array:
     """Accuracy of $z_0$ inferred from random activities (not jitted).
 
     `random` is `(key, layer_sizes, batch_size, sigma)`, `ode` is
-    `(solver, max_t1, dt, controller)` and `stop` the keyword options of `solve`.
+    `(solver, max_t1, dt, controller)`, `stop` the keyword options of `solve` and
+    `discrete` `(activity_optim, n_inference_steps)` or `None` (the ODE).
     """
     key, layer_sizes, batch_size, sigma = random
     activities = init_activities_from_normal(
         key, layer_sizes, "unsupervised", batch_size, sigma
     )
     activities = like_data(activities, args[1])
-    equilibrium = solve(args, activities, *ode, **stop)
-    return compute_accuracy(labels, equilibrium[0][-1])
+    equilibrium = generative_equilibrium(args, activities, ode, stop, discrete)
+    return compute_accuracy(labels, equilibrium[0])
+
+
+def generative_equilibrium(args, activities, ode, stop, discrete=None) -> list:
+    """Final activities of inference with only the top clamped, by either path."""
+    if discrete is None:
+        return [z[-1] for z in solve(args, activities, *ode, **stop)]
+    kwargs = unpack_vector_field_args(args)
+    params, y, x = kwargs.pop("params"), kwargs.pop("y"), kwargs.pop("x")
+    names = ("loss_id", "output", "input")
+    activities = check_finite_inputs(activities, y, x, names, stop["caller"])
+    optim, n_steps = discrete
+    final, _ = discrete_inference(
+        params, activities, optim, n_steps, y, x, False, **kwargs
+    )
+    return final
 
 
 test_discriminative_pc.__test__ = False  # type: ignore[attr-defined]

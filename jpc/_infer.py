@@ -1,7 +1,9 @@
 """Inference as gradient flow, solved with diffrax."""
 
 import math
-from typing import Any
+import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import diffrax as dfx
 import jax
@@ -60,7 +62,9 @@ def _per_example(values: Array, like: Array) -> Array:
     return jnp.reshape(values, (-1,) + (1,) * (like.ndim - 1))
 
 
-def polished_ratio(y: list, field: list, args: tuple, rtol: Any, atol: Any) -> Array:
+def polished_ratio(
+    y: list, field: list, args: tuple, rtol: Any, atol: Any, neg_hvp=None
+) -> Array:
     r"""The stop's ratio after one exact line-search step along the field.
 
     Per example, $s_i = \lVert f_i\rVert^2 / f_i^\top H_i f_i$ minimises the
@@ -72,6 +76,11 @@ def polished_ratio(y: list, field: list, args: tuple, rtol: Any, atol: Any) -> A
     decaying and keeps the field above the tolerance although the state is within
     it of the equilibrium; that step removes the mode and the step's own length
     bounds how far $z$ is from $\tilde z$.
+
+    `neg_hvp`, when given, is the linearisation of the field at `y` (from
+    `jax.linearize`, sharing the field's own evaluation). The field at $\tilde z$
+    is evaluated only when the step's ratio is at most 1: otherwise that ratio
+    alone is returned (above 1, so the stop's decision is the same).
     """
     batch_size = y[0].shape[0]
     direction = [batch_size * f for f in field]
@@ -79,22 +88,26 @@ def polished_ratio(y: list, field: list, args: tuple, rtol: Any, atol: Any) -> A
     def neg_grad(z):
         return neg_pc_activity_grad(None, z, args)
 
-    _, neg_hvp = jax.jvp(neg_grad, (list(y),), (direction,))
+    if neg_hvp is None:
+        _, neg_hvp_d = jax.jvp(neg_grad, (list(y),), (direction,))
+    else:
+        neg_hvp_d = neg_hvp(direction)
     sq = sum(jnp.sum(jnp.reshape(d**2, (batch_size, -1)), axis=1) for d in direction)
     curv = -batch_size * sum(
         jnp.sum(jnp.reshape(d * h, (batch_size, -1)), axis=1)
-        for d, h in zip(direction, neg_hvp)
+        for d, h in zip(direction, neg_hvp_d)
     )
     step = jnp.where(curv > 0, sq / jnp.where(curv > 0, curv, 1), 0)
     moves = [_per_example(step, d) * d for d in direction]
-    polished = [z + m for z, m in zip(y, moves)]
-    new_field = neg_grad(polished)[:-1]
     free = list(y[:-1])
     moved = [m / batch_size for m in moves[:-1]]  # `steady_state_ratio` times by B
-    return jnp.maximum(
-        steady_state_ratio(new_field, free, rtol, atol),
-        steady_state_ratio(moved, free, rtol, atol),
-    )
+    step_ratio = steady_state_ratio(moved, free, rtol, atol)
+
+    def field_ratio():
+        new_field = neg_grad([z + m for z, m in zip(y, moves)])[:-1]
+        return jnp.maximum(steady_state_ratio(new_field, free, rtol, atol), step_ratio)
+
+    return jax.lax.cond(step_ratio <= 1, field_ratio, lambda: step_ratio)
 
 
 _POLISH_BELOW = 1e3  # the line-search check runs only when the plain ratio is below
@@ -126,11 +139,13 @@ def steady_state_event(
         if not free:
             return jnp.array(True)
         y = list(y)
-        field = neg_pc_activity_grad(t, y, args)
+        # One evaluation serves the field and, when the line-search check runs,
+        # its Hessian-vector product (only the tangent part is left to compute).
+        field, neg_hvp = jax.linearize(lambda z: neg_pc_activity_grad(t, z, args), y)
         ratio = steady_state_ratio(field[:-1], free, rtol, atol)
         return jax.lax.cond(
             (ratio > 1) & (ratio < _POLISH_BELOW),
-            lambda: polished_ratio(y, field, args, rtol, atol) <= 1,
+            lambda: polished_ratio(y, field, args, rtol, atol, neg_hvp) <= 1,
             lambda: ratio <= 1,
         )
 
@@ -171,6 +186,80 @@ def _state_dtype(activities) -> Any:
     dtypes = [jnp.result_type(a) for a in activities]
     floating = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
     return jnp.result_type(*floating) if floating else jnp.result_type(float)
+
+
+def _time_dtype(dtype) -> Any:
+    """The ODE's time dtype: the state's, but at least float32.
+
+    Half-precision times cannot hold a grid such as `0.05 k` for `k` up to 400
+    (bfloat16 has 8 significant bits), so float16/bfloat16 states keep float32
+    times.
+    """
+    if jnp.finfo(dtype).bits < 32:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(dtype)
+
+
+def _field_in(dtype):
+    """The vector field evaluated in `dtype` on a state diffrax holds in another.
+
+    With half-precision activities diffrax promotes the state to the float32 of
+    the times; the field is still computed in the activities' own dtype.
+    """
+
+    def field(t, y, args):
+        out = neg_pc_activity_grad(t, [jnp.asarray(z, dtype) for z in y], args)
+        return [jnp.asarray(f, jnp.result_type(z)) for f, z in zip(out, y)]
+
+    return field
+
+
+_WARNED_RESOLUTION: set = set()
+
+
+def warn_below_resolution(rtol, atol, dtype, caller: str) -> None:
+    """Warn once per dtype when a concrete stop tolerance is below its resolution.
+
+    The stop compares the field with `atol + rtol·rms(z)`; below the machine
+    epsilon of the activities' dtype, round-off in the field alone can keep it
+    from ever firing. Traced tolerances are not checked.
+    """
+    eps = float(jnp.finfo(dtype).eps)
+    low = [
+        f"`steady_state_{n}`={v!r}"
+        for n, v in (("rtol", rtol), ("atol", atol))
+        if isinstance(v, (int, float)) and v < eps
+    ]
+    if not low or jnp.dtype(dtype) in _WARNED_RESOLUTION:
+        return
+    _WARNED_RESOLUTION.add(jnp.dtype(dtype))
+    warnings.warn(
+        f"{caller}: the steady-state stop's {' and '.join(low)} (from the "
+        f"step-size controller when not given) {'is' if len(low) == 1 else 'are'} "
+        "below the resolution of "
+        f"{jnp.dtype(dtype).name} activities (eps={eps:.3g}), so the stop may "
+        f"never fire; pass `steady_state_rtol` and `steady_state_atol` of at least "
+        f"{eps:.3g}.",
+        stacklevel=3,
+    )
+
+
+class InferenceInfo(NamedTuple):
+    """What happened during an ODE inference solve.
+
+    **Attributes:**
+
+    - `times`: `(T,)` array, the time of each returned row of the activities (the
+        rows of `record_iters`/`record_every`, or the final state), `inf` after
+        the last one; float32 or wider.
+    - `n_accepted_steps`: integer scalar, the solver's accepted steps.
+    - `steady_state_reached`: boolean scalar, whether the steady-state stop fired
+        (`False` when the solve ran to `max_t1`).
+    """
+
+    times: Array
+    n_accepted_steps: Array
+    steady_state_reached: Array
 
 
 def _as_dtype(saveat: dfx.SaveAt, dtype) -> dfx.SaveAt:
@@ -214,9 +303,11 @@ def check_finite_inputs(activities, y, x, names, caller: str) -> list:
                 ~_all_finite(value),
                 f"{caller}: {what} contains NaN or inf; inference needs finite inputs.",
             )
+    # The last entry is never read (the output is clamped), so it may hold e.g.
+    # logits of `-inf` for classes masked out.
     return error_if(
         activities,
-        ~_all_finite(activities),
+        ~_all_finite(activities[:-1]),
         f"{caller}: the initial activities contain NaN or inf (check `activities`, "
         "or the model's parameters when they are computed by a feedforward pass).",
     )
@@ -248,7 +339,7 @@ def check_solution(sol, args, n_steps: int, max_t1, caller: str, states=None):
         lambda: ~_all_finite(neg_pc_activity_grad(None, final, args)),
         lambda: jnp.array(False),
     )
-    non_finite = nan_seen | stalled_at_inf | ~_all_finite(final)
+    non_finite = nan_seen | stalled_at_inf | ~_all_finite(final[:-1])
     ys = error_if(
         sol.ys,
         non_finite,
@@ -295,6 +386,7 @@ def solve(
     steady_state_atol=None,
     caller: str = "solve_inference",
     saveat=None,
+    return_info: bool = False,
 ) -> list[Array]:
     """Integrate the vector field `neg_pc_activity_grad` with `args` (not jitted).
 
@@ -304,7 +396,9 @@ def solve(
     float32 with `jax_enable_x64` on. `saveat`, when given, replaces the
     `diffrax.SaveAt` built from `record_iters`/`record_every` (which then only set
     the step budget); it must be a `SaveAt(subs=[...])` whose first entry saves the
-    activities, and the result is then `sol.ys` in its layout.
+    activities, and the result is then `sol.ys` in its layout. Times are at least
+    float32 (half-precision states are held in float32 by the solver and the
+    results cast back). With `return_info`, returns `(ys, InferenceInfo)`.
     """
     kwargs = unpack_vector_field_args(args)
     check_energy_inputs(
@@ -321,10 +415,14 @@ def solve(
     n_steps = _max_steps(max_steps, max_t1, dt, controller, record_iters)
     rtol, atol = _stop_tolerances(steady_state_rtol, steady_state_atol, controller)
     dtype = _state_dtype(activities)
+    warn_below_resolution(rtol, atol, dtype, caller)
+    time_dtype = _time_dtype(dtype)
+    field = neg_pc_activity_grad if time_dtype == dtype else _field_in(dtype)
+    dtype, state_dtype = time_dtype, dtype
     y0 = check_finite_inputs(activities, kwargs["y"], kwargs["x"], names, caller)
     y0 = check_stop_signs(y0, rtol, atol, caller)
     sol = dfx.diffeqsolve(
-        dfx.ODETerm(neg_pc_activity_grad),
+        dfx.ODETerm(field),
         solver,
         t0=jnp.zeros((), dtype),
         t1=jnp.asarray(max_t1, dtype),
@@ -343,7 +441,17 @@ def solve(
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device.
     states = None if saveat is None else sol.ys[0]
-    return check_solution(sol, args, n_steps, max_t1, caller, states)
+    ys = check_solution(sol, args, n_steps, max_t1, caller, states)
+    if state_dtype != dtype:
+        ys = jtu.tree_map(lambda a: jnp.asarray(a, state_dtype), ys)
+    if not return_info:
+        return ys
+    info = InferenceInfo(
+        times=sol.ts if saveat is None else sol.ts[0],
+        n_accepted_steps=sol.stats["num_accepted_steps"],
+        steady_state_reached=sol.result == dfx.RESULTS.event_occurred,
+    )
+    return ys, info
 
 
 def stop_options(caller: str, max_steps, rtol, atol) -> dict:
@@ -399,6 +507,7 @@ def check_stop_signs(activities: list, rtol, atol, caller: str) -> list:
     "activity_decay",
     "gamma",
     "output_energy_scaling",
+    "hidden_energy_scaling",
     *STOP_FLOATS,
 )
 def solve_inference(
@@ -420,12 +529,17 @@ def solve_inference(
     activity_decay: Scalar = 0.0,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
     record_iters: bool = False,
     record_every: float | None = None,
     max_steps: int | None = None,
     steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
     steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
-) -> list[Float[Array, "time batch ..."]]:
+    return_info: bool = False,
+) -> (
+    list[Float[Array, "time batch ..."]]
+    | tuple[list[Float[Array, "time batch ..."]], InferenceInfo]
+):
     r"""Run inference $\dot z = -\partial\mathcal{F}/\partial z$ with a diffrax solver.
 
     Integrates from $t=0$ to `max_t1`, stopping early once every example's every
@@ -438,7 +552,8 @@ def solve_inference(
     keeps the field above the threshold although the state has converged; so the
     stop also fires when the test holds one exact line-search step further along
     the field and that step is itself within the tolerance (see the advanced-usage
-    page). The ODE's time variables are in the activities' dtype.
+    page). The ODE's time variables are in the activities' dtype, at least
+    float32.
 
     **Arguments:**
 
@@ -446,7 +561,8 @@ def solve_inference(
     - `output`: target `y` clamping the top layer.
     - `input`: optional `x` clamping the bottom layer (`None`: unsupervised).
     - `loss_id`, `param_type`, `weight_decay`, `spectral_penalty`,
-        `activity_decay`, `gamma`, `output_energy_scaling`: energy options.
+        `activity_decay`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: energy options (see [`jpc.pc_energy_fn`][]).
     - `solver`: any diffrax solver.
     - `max_t1`: end time of the integration.
     - `dt`: initial (or, with `diffrax.ConstantStepSize`, fixed) step size;
@@ -465,13 +581,24 @@ def solve_inference(
         `atol` (`1e-3` for a controller without, such as
         `diffrax.ConstantStepSize`), so a tighter controller gives a tighter stop
         as before. The activities end within about this tolerance of the
-        equilibrium; keep them no tighter than the controller's.
+        equilibrium; keep them no tighter than the controller's. A tolerance
+        below the machine epsilon of the activities' dtype (e.g. the default
+        `1e-3` with bfloat16) gives a one-time warning.
+    - `return_info`: also return a [`jpc.InferenceInfo`][]: the time of each
+        returned row, the number of accepted solver steps and whether the
+        steady-state stop fired.
+
+    The ODE's times are float32 for float16/bfloat16 activities (a half-precision
+    time cannot hold a grid such as `0.05 k`); the solver then holds the state
+    in float32, the field is evaluated in the activities' dtype and the result is
+    returned in it.
 
     **Returns:**
 
     A list of activities with a leading time axis: length 1 (the final state)
     unless recording. When recording, the final state is the row
-    [`jpc.get_t_max`][] points to.
+    [`jpc.get_t_max`][] points to. With `return_info=True`, the pair
+    `(activities, info)`.
 
     **Raises:**
 
@@ -492,6 +619,7 @@ def solve_inference(
         activity_decay=activity_decay,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     return solve(
         args,
@@ -505,4 +633,5 @@ def solve_inference(
         max_steps=max_steps,
         steady_state_rtol=steady_state_rtol,
         steady_state_atol=steady_state_atol,
+        return_info=return_info,
     )

@@ -6,11 +6,12 @@ from typing import Any
 
 import jax.random as jr
 
-from ._checks import MODES, check_batch, check_model, check_option
+from ._checks import MODES, check_batch, check_model, check_option, traced_floats
 from ._layers import feedforward, get_param_scalings
 from ._types import Array, Float, Mode, Model, ParamType, Scalar, SkipModel
 
 
+@traced_floats("gamma")
 def init_activities_with_ffwd(
     model: Model,
     input: Float[Array, "batch ..."],
@@ -21,7 +22,9 @@ def init_activities_with_ffwd(
 ) -> list[Float[Array, "batch ..."]]:
     """Initialise the activities with a feedforward pass from `input`.
 
-    At this state every hidden prediction error is zero.
+    At this state every hidden prediction error is zero. The pass is compiled (a
+    new `gamma` value does not recompile), with the same operations as the
+    predictions inside the energies, so that the errors are exactly zero there too.
 
     **Arguments:**
 

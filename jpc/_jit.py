@@ -32,9 +32,11 @@ in `eqx.filter_jit`; an unhashable one raises a `ValueError` (it would otherwise
 mean a new compilation on every call).
 """
 
+import atexit
 import inspect
 import logging
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -42,10 +44,15 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.extend.core as jex
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+
+
+try:  # jax >= 0.10
+    from jax.extend.core import get_opaque_trace_state, jaxprs_in_params
+except ImportError:  # jax 0.5 to 0.9
+    from jax.core import get_opaque_trace_state, jaxprs_in_params
 
 from ._present import check_spellings, present, wrong_spellings
 
@@ -317,7 +324,7 @@ class _Rebuild:
 def _traceable(fn: Callable, treedef: Any, slots: tuple) -> Callable:
     def traced(arrays):
         checks: list = []
-        _collectors.append((jex.get_opaque_trace_state(), checks))
+        _collectors.append((get_opaque_trace_state(None), checks))
         try:
             args, kwargs = unflatten(treedef, slots, arrays)
             out = fn(*args, **kwargs)
@@ -339,7 +346,7 @@ def _has_callback(jaxpr: Any) -> bool:
     for eqn in jaxpr.eqns:
         if "callback" in eqn.primitive.name:
             return True
-        if any(_has_callback(sub) for sub in jex.jaxprs_in_params(eqn.params)):
+        if any(_has_callback(sub) for sub in jaxprs_in_params(eqn.params)):
             return True
     return False
 
@@ -385,7 +392,7 @@ def _collector() -> list | None:
     if not _COLLECT or not _collectors:
         return None
     state, checks = _collectors[-1]
-    return checks if jex.get_opaque_trace_state() == state else None
+    return checks if get_opaque_trace_state(None) == state else None
 
 
 def _check_code(code: Any, messages: tuple, name: str, previous: bool) -> None:
@@ -472,6 +479,33 @@ def raise_pending_step_errors() -> None:
     while _pending:
         _, (code, messages, name) = _pending.popitem()
         _check_code(code, messages, name, previous=True)
+
+
+def _report_pending_at_exit() -> None:
+    """At interpreter exit, print the failed checks that were never reported.
+
+    A training step's failed check is raised at its next call; after the last
+    call of a run there is none, so without this hook a diverged final step
+    would pass silently. Printed to `sys.stderr` (a warning could be filtered
+    out); registered after JAX's own exit hook, so it runs before JAX shuts down.
+    """
+    while _pending:
+        _, (code, messages, name) = _pending.popitem()
+        try:
+            index = int(np.asarray(code))
+        except Exception:  # the runtime is already gone: nothing left to report
+            continue
+        if index:
+            print(
+                f"jpc: the last call of `{name}` failed its runtime check, which was "
+                f"still pending at exit (its results are not valid): "
+                f"{messages[index - 1]} Call `jpc.raise_pending_step_errors()` at "
+                "the end of training to raise it instead.",
+                file=sys.stderr,
+            )
+
+
+atexit.register(_report_pending_at_exit)
 
 
 def deferred_checks(fn: Callable) -> Callable:

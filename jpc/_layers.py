@@ -7,6 +7,7 @@ so scalings and skips are applied the same way everywhere.
 import math
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -18,6 +19,7 @@ from ._checks import (
     check_model,
     check_option,
     check_shape,
+    flatten_hint,
 )
 from ._types import Activities, Array, Float, Layer, Model, ParamType, SkipModel
 
@@ -160,15 +162,61 @@ def _is_one(scale: Any) -> bool:
     return isinstance(scale, (int, float)) and scale == 1
 
 
+_AFFINE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
+
+
+def fold_scale(layer: Layer, scale: Any) -> Layer | None:
+    """`layer` with the output scaling `scale` folded into its last affine map.
+
+    `scale * (W h + b) = (scale W) h + scale b`, so for an `eqx.nn.Linear`, a
+    convolution, or an `eqx.nn.Sequential` ending in one (the [`jpc.make_mlp`][]
+    layout), the scaled layer is the same layer with its weight and bias scaled.
+    Returns `None` for any other layer.
+
+    Why fold: a prediction computed as `scale * layer(z)` and subtracted from an
+    activity is one multiply feeding one subtraction, which XLA may fuse into a
+    fused multiply-add (it does on CPU and GPU). The feedforward initialisation
+    stores the rounded product, while the energy would then subtract the exact
+    one, so every hidden error at the feedforward state would be the rounding
+    error of the product (about 1e-8 relative in float32) instead of exactly 0,
+    and optimisers that normalise updates (Adam) would turn it into full-size
+    weight changes. With the scaling inside the matrix product, a prediction is
+    the same sequence of operations at every place it is computed, and the
+    hidden errors at the feedforward state are exactly 0.
+    """
+    if isinstance(layer, _AFFINE):
+        if layer.bias is None:
+            return eqx.tree_at(lambda m: m.weight, layer, scale * layer.weight)
+        return eqx.tree_at(
+            lambda m: (m.weight, m.bias),
+            layer,
+            (scale * layer.weight, scale * layer.bias),
+        )
+    if isinstance(layer, eqx.nn.Sequential) and len(layer.layers) > 0:
+        last = fold_scale(layer.layers[-1], scale)
+        if last is not None:
+            return eqx.tree_at(lambda m: m.layers[-1], layer, last)
+    return None
+
+
 def predict(
     layer: Layer, skip: Layer | None, scale: Any, z: Array, name: str = "input"
 ) -> Array:
-    """Batched prediction `scale * layer(z) + skip(z)` of one PC layer."""
+    """Batched prediction `scale * layer(z) + skip(z)` of one PC layer.
+
+    The scaling is folded into the layer's last affine map when it has one (see
+    `fold_scale`), else applied to the output.
+    """
+    if not _is_one(scale):
+        folded = fold_scale(layer, scale)
+        if folded is not None:
+            layer, scale = folded, 1.0
     try:
         pred = jax.vmap(layer)(z)
     except (TypeError, ValueError) as err:
         hint = batch_axis_hint((name, z)) if name.isidentifier() else ""
-        hint = f".{hint}" if hint else ""
+        hint = hint or flatten_hint(layer, z, name)
+        hint = f".{hint}" if hint and not str(err).endswith(".") else hint
         raise ValueError(
             f"The layer could not be applied to `{name}` of per-example shape "
             f"{tuple(np.shape(z)[1:])}: {err}{hint}"
@@ -178,6 +226,24 @@ def predict(
     if skip is not None:
         pred = pred + jax.vmap(skip)(z)
     return pred
+
+
+def with_layers(model: Any, layers: list) -> Any:
+    """`layers`, one per entry of `model`, in `model`'s own container type.
+
+    A list or tuple gives a list or tuple; a module that behaves as a sequence of
+    layers (an `eqx.Module` holding them in a list attribute, say) gives a copy
+    of that module with its entries replaced, so results keep the user's type.
+    """
+    if isinstance(model, (list, tuple)):
+        return type(model)(layers)
+    n_layers = len(model)
+    return eqx.tree_at(
+        lambda m: [m[i] for i in range(n_layers)],
+        model,
+        list(layers),
+        is_leaf=lambda node: node is None,
+    )
 
 
 def skip_at(skip_model: SkipModel, i: int) -> Layer | None:

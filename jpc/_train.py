@@ -1,6 +1,7 @@
 """High-level, jit-compiled training steps: `make_pc_step` and `make_bp_step`."""
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
 import diffrax as dfx
@@ -30,15 +31,23 @@ from ._infer import (
     DEFAULT_STEADY_STATE_RTOL,
     STOP_FLOATS,
     _saveat,
+    check_finite_inputs,
     like_data,
     solve,
     stop_options,
 )
 from ._init import init_activities_from_normal
 from ._jit import deferred_checks, error_if, lean_jit
+from ._layer_learning import LayerLearning, layer_learning_metric
 from ._layers import check_output, feedforward, get_param_scalings
 from ._types import Array, Float, LossId, Model, ParamType, Scalar, SkipModel
-from ._updates import ENERGY_FLOATS, NAMES, discrete_inference, param_step
+from ._updates import (
+    ENERGY_FLOATS,
+    NAMES,
+    discrete_inference,
+    optax_update,
+    param_step,
+)
 from ._utils import (
     LOSS_FNS,
     compute_accuracy,
@@ -49,8 +58,8 @@ from ._utils import (
 from ._variants._nudging import NUDGINGS, check_beta, nudged_param_step
 
 
-class PCStepResult(TypedDict):
-    """Result of [`jpc.make_pc_step`][]; metrics that were not requested are `None`."""
+class _PCStepResult(TypedDict):
+    """The keys every [`jpc.make_pc_step`][] result has."""
 
     model: Any
     skip_model: Any
@@ -65,6 +74,15 @@ class PCStepResult(TypedDict):
     skip_model_param_norms: Array | None
     model_grad_norms: Array | None
     skip_model_grad_norms: Array | None
+
+
+class PCStepResult(_PCStepResult, total=False):
+    """Result of [`jpc.make_pc_step`][]; metrics that were not requested are `None`.
+
+    `layer_learning` is present only when requested.
+    """
+
+    layer_learning: LayerLearning
 
 
 class BPStepResult(TypedDict):
@@ -302,11 +320,13 @@ def make_pc_step(
     param_norms: bool = False,
     grad_norms: bool = False,
     calculate_accuracy: bool = False,
+    layer_learning: bool = False,
     activity_optim: optax.GradientTransformation | None = None,
     n_inference_steps: int | None = None,
     activity_lr: Scalar | None = None,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
     nudging: Literal["positive", "negative", "centred"] | None = None,
     beta: Scalar = 0.1,
     max_steps: int | None = None,
@@ -330,8 +350,9 @@ def make_pc_step(
         `optim.init((eqx.filter(model, eqx.is_array), skip_model))`.
     - `output`, `input`: targets `y` and optional input `x`.
     - `loss_id`, `param_type`, `weight_decay`, `spectral_penalty`,
-        `activity_decay`, `gamma`, `output_energy_scaling`: energy options (see
-        [`jpc.pc_energy_fn`][]). Floats are traced: new values do not recompile.
+        `activity_decay`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: energy options (see [`jpc.pc_energy_fn`][]).
+        Floats, and lists of floats, are traced: new values do not recompile.
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`, `record_every`: ODE
         inference options (see [`jpc.solve_inference`][]).
     - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
@@ -350,12 +371,17 @@ def make_pc_step(
         the per-layer energies along it.
     - `activity_norms`, `param_norms`, `grad_norms`, `calculate_accuracy`:
         optional metrics.
+    - `layer_learning`: also return the per-layer learning diagnostics of
+        [`jpc.compute_layer_learning`][] for this step's update (one extra
+        forward and backward pass, in the same compiled program; supervised
+        only), and warn once if the lower layers' updates are inert.
 
     **Returns:**
 
     A dict with keys `model, skip_model, opt_state, loss, acc, activities, t_max,
     energies, activity_norms, model_param_norms, skip_model_param_norms,
-    model_grad_norms, skip_model_grad_norms`; unrequested metrics are `None`.
+    model_grad_norms, skip_model_grad_norms`; unrequested metrics are `None`. With
+    `layer_learning=True`, also `layer_learning`.
 
     - `loss`: loss of the feedforward prediction before the update (`None` when
         unsupervised); `acc`: accuracy (%) of the **updated** model's feedforward
@@ -374,6 +400,8 @@ def make_pc_step(
         for inference (before the update), one per leaf as
         [`jpc.compute_param_norms`][]; `model_grad_norms`, `skip_model_grad_norms`:
         the same for the gradients (`0.` where a leaf is not an array).
+    - `layer_learning`: a [`jpc.compute_layer_learning`][] result for the
+        gradients of this update, against backprop on the same batch.
 
     **Raises:**
 
@@ -400,6 +428,7 @@ def make_pc_step(
         activity_decay=activity_decay,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     activities, prediction = initial_activities(
         model,
@@ -413,6 +442,10 @@ def make_pc_step(
     check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
     ode = (ode_solver, max_t1, dt, stepsize_controller, record_every)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
+    if discrete is not None:  # the ODE path checks them in `solve`
+        activities = check_finite_inputs(
+            activities, output, input, NAMES, "make_pc_step"
+        )
     stop = stop_options("make_pc_step", max_steps, steady_state_rtol, steady_state_atol)
     recording = (record_activities, record_energies)
     if nudging is None:
@@ -464,7 +497,7 @@ def make_pc_step(
             new_model, new_skip, output, input, param_type, gamma, None
         )[1]
         acc = compute_accuracy(output, updated)
-    return PCStepResult(
+    result = PCStepResult(
         model=new_model,
         skip_model=new_skip,
         opt_state=opt_state,
@@ -479,9 +512,31 @@ def make_pc_step(
         model_grad_norms=_norms(grad_norms, grads[0], model),
         skip_model_grad_norms=_norms(grad_norms, grads[1], skip_model),
     )
+    if layer_learning:
+        result["layer_learning"] = layer_learning_metric(
+            params, grads[0], final, output, input, energy_kwargs, "make_pc_step"
+        )
+    return result
+
+
+def _check_bp_step(params, loss, output, input):
+    """Runtime checks of `make_bp_step`, naming where a NaN or inf came from."""
+    for value, name in ((output, "output"), (input, "input")):
+        params = error_if(
+            params,
+            ~jnp.all(jnp.isfinite(value)),
+            f"make_bp_step: `{name}` contains NaN or inf.",
+        )
+    return error_if(
+        params,
+        ~jnp.isfinite(loss),
+        "make_bp_step: the loss is not finite (check the model's parameters and "
+        "the learning rate).",
+    )
 
 
 @lean_jit  # `eqx.filter_jit` semantics, smaller per-call cost
+@deferred_checks  # a failed check is raised at the next call by default
 def make_bp_step(
     model: Model,
     optim: optax.GradientTransformation,
@@ -510,6 +565,13 @@ def make_bp_step(
 
     A dict with the updated `model`, `skip_model`, `opt_state` and the `loss`
     before the update.
+
+    **Raises:**
+
+    `ValueError` for bad options or inputs; `eqx.EquinoxRuntimeError` if `output`
+    or `input` holds NaN or inf or the loss is not finite (the message says
+    which): by default at the *next* call, as for [`jpc.make_pc_step`][] (see
+    [`jpc.set_step_error_timing`][]).
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
@@ -525,10 +587,8 @@ def make_bp_step(
 
     params = (model, skip_model)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
-    updates, opt_state = optim.update(
-        grads, opt_state, eqx.filter(params, eqx.is_array)
-    )
-    model, skip_model = eqx.apply_updates(params, updates)
+    updated, opt_state = optax_update(params, grads, optim, opt_state, loss, loss_fn)
+    model, skip_model = _check_bp_step(updated, loss, output, input)
     return BPStepResult(
         model=model, skip_model=skip_model, opt_state=opt_state, loss=loss
     )

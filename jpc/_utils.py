@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 
-from ._checks import PARAM_TYPES, check_option
+from ._checks import PARAM_TYPES, check_option, check_same_shape
 from ._types import Activities, Array, Float, ParamType, PyTree
 
 
@@ -70,7 +70,10 @@ def make_mlp(
 
     Layer $l$ is `eqx.nn.Sequential([Lambda(act), Linear])`, i.e.
     $f_l(z) = W_l \phi(z) + b_l$, with the identity as the first layer's activation
-    and no activation after the last linear map.
+    (`Lambda(eqx.nn.Identity())`, which holds no pytree leaf) and no activation
+    after the last linear map. As in Equinox's examples, `key` is split into
+    `depth` keys and layer $l$'s `eqx.nn.Linear` receives key $l$ unchanged, so a
+    key gives the same network as the JPC library's `make_mlp`.
 
     **Arguments:**
 
@@ -80,8 +83,9 @@ def make_mlp(
     - `act_fn`: activation name (see [`jpc.get_act_fn`][]) or function.
     - `use_bias`: whether the linear maps have biases.
     - `param_type`: `"sp"` keeps Equinox's default initialisation; `"mupc"` and
-        `"ntp"` draw every weight from $\mathcal{N}(0, 1)$ (the scaling is applied
-        in the forward pass by [`jpc.get_param_scalings`][]).
+        `"ntp"` draw every weight from $\mathcal{N}(0, 1)$ with the layer's own key
+        (`jax.random.normal(keys[l], shape)`; biases keep Equinox's default); the
+        scaling is applied in the forward pass by [`jpc.get_param_scalings`][].
 
     **Returns:**
 
@@ -98,14 +102,14 @@ def make_mlp(
     check_option("param_type", param_type, PARAM_TYPES)
     act = get_act_fn(act_fn)
     dims = [input_dim] + [width] * (depth - 1) + [output_dim]
+    keys = jr.split(key, depth)
     layers = []
-    for i, layer_key in enumerate(jr.split(key, depth)):
-        init_key, normal_key = jr.split(layer_key)
-        linear = eqx.nn.Linear(dims[i], dims[i + 1], use_bias=use_bias, key=init_key)
+    for i in range(depth):
+        linear = eqx.nn.Linear(dims[i], dims[i + 1], use_bias=use_bias, key=keys[i])
         if param_type != "sp":
-            weight = jr.normal(normal_key, linear.weight.shape, linear.weight.dtype)
+            weight = jr.normal(keys[i], linear.weight.shape, linear.weight.dtype)
             linear = eqx.tree_at(lambda m: m.weight, linear, weight)
-        activation = eqx.nn.Lambda(_identity if i == 0 else act)
+        activation = eqx.nn.Lambda(eqx.nn.Identity() if i == 0 else act)
         layers.append(eqx.nn.Sequential([activation, linear]))
     return layers
 
@@ -122,16 +126,40 @@ def make_skip_model(depth: int) -> list[eqx.nn.Identity | None]:
 
 
 def mse_loss(preds: Float[Array, "batch ..."], labels: Float[Array, "batch ..."]):
-    r"""$\frac{1}{2B}\sum_i \lVert y_i - \hat y_i \rVert^2$ (half the batch mean)."""
+    r"""$\frac{1}{2B}\sum_i \lVert y_i - \hat y_i \rVert^2$ (half the batch mean).
+
+    **Raises:**
+
+    `ValueError` naming both shapes if `preds` and `labels` differ in shape (no
+    broadcasting).
+    """
+    check_same_shape(("preds", "labels"), preds, labels)
     return 0.5 * jnp.sum((labels - preds) ** 2) / labels.shape[0]
 
 
 def cross_entropy_loss(
     logits: Float[Array, "batch classes"], labels: Float[Array, "batch classes"]
 ):
-    r"""$-\frac{1}{B}\sum_i \sum_k y_{ik} \log \mathrm{softmax}(\hat y_i)_k$."""
+    r"""$-\frac{1}{B}\sum_i \sum_k y_{ik} \log \mathrm{softmax}(\hat y_i)_k$.
+
+    Terms with $y_{ik} = 0$ are exactly zero ($0 \log 0 = 0$), so classes masked
+    out with a logit of $-\infty$ give a finite loss and finite gradients, as long
+    as their label is 0.
+
+    **Raises:**
+
+    `ValueError` naming both shapes if `logits` and `labels` differ in shape (no
+    broadcasting); the message suggests [`jpc.datasets.one_hot`][] for integer
+    class labels.
+    """
+    check_same_shape(("logits", "labels"), logits, labels)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(labels * log_probs) / labels.shape[0]
+    # Double `where`: the masked entries are replaced before the product too, so
+    # that neither the value nor its gradient meets 0 * inf.
+    unused = labels == 0
+    safe_log_probs = jnp.where(unused, 0.0, log_probs)
+    terms = jnp.where(unused, 0.0, labels * safe_log_probs)
+    return -jnp.sum(terms) / labels.shape[0]
 
 
 LOSS_FNS = {"mse": mse_loss, "ce": cross_entropy_loss}
@@ -144,7 +172,12 @@ def compute_accuracy(
 
     Computed from the integer count as quotient plus remainder, so that a percentage
     that is an exact float (9 of 9 rows: `100.0`; 3 of 8: `37.5`) is returned exactly.
+
+    **Raises:**
+
+    `ValueError` naming both shapes if `truths` and `preds` differ in shape.
     """
+    check_same_shape(("truths", "preds"), truths, preds)
     hits = jnp.argmax(truths, axis=-1) == jnp.argmax(preds, axis=-1)
     whole, rest = jnp.divmod(100 * jnp.sum(hits), hits.size)
     return whole + rest / hits.size

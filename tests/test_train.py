@@ -486,6 +486,7 @@ HYPERS = [
     "activity_decay",
     "gamma",
     "output_energy_scaling",
+    "hidden_energy_scaling",
 ]
 
 

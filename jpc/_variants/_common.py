@@ -1,21 +1,10 @@
-"""Small pieces shared by the variants (not by standard PC, which has its own)."""
+"""Small pieces shared by the variants; `optax_update` is that of standard PC."""
 
 from typing import Any
 
-import equinox as eqx
 import optax
 
-
-def optax_update(
-    tree: Any, grads: Any, optim: optax.GradientTransformation, opt_state: Any
-) -> tuple[Any, Any]:
-    """One `optim` step on the array leaves of `tree`; returns `(tree, opt_state)`.
-
-    `tree` is a model, a `(model, skip_model)` pair or a list of arrays; its
-    optimiser state is `optim.init(eqx.filter(tree, eqx.is_array))`.
-    """
-    updates, opt_state = optim.update(grads, opt_state, eqx.filter(tree, eqx.is_array))
-    return eqx.apply_updates(tree, updates), opt_state
+from .._updates import optax_update as optax_update
 
 
 def check_pair(name: str, value: Any) -> tuple[Any, Any]:

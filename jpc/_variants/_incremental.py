@@ -12,6 +12,8 @@ instead of one parameter update after `T` steps. All `T` steps run in one
 `lax.scan` inside the compiled step.
 """
 
+from collections.abc import Sequence
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -53,7 +55,7 @@ def incremental_inference(
     two have one row per step (the state after it) when `record`, else are `None`.
     """
     arrays, static = eqx.partition(tuple(params), eqx.is_array)
-    zero_grads = jtu.tree_map(jnp.zeros_like, arrays)
+    zero_grads = jtu.tree_map(jnp.zeros_like, eqx.filter(arrays, eqx.is_inexact_array))
 
     def step(carry, _):
         arrays, z, state, activity_state, _ = carry
@@ -107,6 +109,7 @@ def make_ipc_step(
     calculate_accuracy: bool = False,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> PCStepResult:
     """One incremental PC step: `n_inference_steps` joint activity/parameter steps.
 
@@ -126,7 +129,9 @@ def make_ipc_step(
     - `activity_lr`: optional traced multiplier of `activity_optim`'s updates, as
         for [`jpc.make_pc_step`][].
     - `loss_id`, `param_type`, `weight_decay`, `spectral_penalty`,
-        `activity_decay`, `gamma`, `output_energy_scaling`: energy options (traced).
+        `activity_decay`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: energy options (traced; see
+        [`jpc.pc_energy_fn`][]).
     - `key`, `layer_sizes`, `batch_size`, `sigma`: unsupervised initialisation.
     - `record_activities`, `record_energies`: the activities after each step and
         the per-layer energies `(L, T)` at each step's new state (new parameters).
@@ -163,6 +168,7 @@ def make_ipc_step(
         activity_decay=activity_decay,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     activities, prediction = initial_activities(
         model,

@@ -25,6 +25,7 @@ import optax
 from .._checks import LOSSES, check_batch, check_model, check_opt_state, check_option
 from .._energies import pc_energy_fn
 from .._jit import filter_jit
+from .._layers import with_layers
 from .._train import BPStepResult, initial_activities
 from .._types import Array, Float, LossId, Model, ParamType, SkipModel
 from .._updates import discrete_inference, param_step
@@ -43,7 +44,9 @@ def _layer_entries(tree, grads_by_step, n_layers):
     """Entry `k` of `tree`'s gradient from the step that reads layer `k`."""
     if tree is None:
         return None
-    return [grads_by_step[n_layers - 1 - k][k] for k in range(n_layers)]
+    return with_layers(
+        tree, [grads_by_step[n_layers - 1 - k][k] for k in range(n_layers)]
+    )
 
 
 def zil_sweep(params, activities, y, x, loss_id, param_type) -> tuple[Any, list]:
