@@ -83,7 +83,19 @@ def _non_finite_leaf(state: PyTree) -> str | None:
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it; it is set straight back)."""
+    """The process's umask.
+
+    Read from `/proc/self/status` where the system has it; elsewhere reading it
+    means setting it, so it is set straight back (files another thread creates in
+    between would get the permissions of a zero umask).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

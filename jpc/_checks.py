@@ -326,10 +326,14 @@ _POSITIVE = ("hidden_energy_scaling",)
 
 
 def check_positive(name: str, value: Any) -> None:
-    """`ValueError` unless every value of `value` known now is finite and positive."""
-    if isinstance(value, jax.core.Tracer) or (
+    """`ValueError` unless every value of `value` is finite and positive.
+
+    Only Python numbers, sequences of them and NumPy arrays are checked here; JAX
+    arrays are left alone (reading them would wait for the device at every call).
+    """
+    if isinstance(value, jax.Array) or (
         isinstance(value, (list, tuple))
-        and any(isinstance(v, jax.core.Tracer) for v in value)
+        and any(isinstance(v, jax.Array) for v in value)
     ):
         return
     try:
@@ -373,8 +377,9 @@ def traced_floats(*names: str) -> Callable[[Callable], Callable]:
                     # (float32 data stays float32 with `jax_enable_x64` on).
                     kwargs[name] = jnp.asarray(float(value))
                 elif isinstance(value, (list, tuple)) and all(map(_is_number, value)):
-                    # One value per layer (e.g. the hidden precisions): traced too.
-                    kwargs[name] = [jnp.asarray(float(v)) for v in value]
+                    # One value per layer (e.g. the hidden precisions): traced too,
+                    # as one array.
+                    kwargs[name] = np.asarray(value, dtype=float)
             return jitted(*args, **kwargs)
 
         wrapper.jitted = jitted  # type: ignore[attr-defined]

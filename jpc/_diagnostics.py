@@ -435,8 +435,9 @@ def compute_layer_learning(
     On one batch: inference from the feedforward state exactly as in
     [`jpc.make_pc_step`][] (an ODE solve, or `n_inference_steps` steps of
     `activity_optim`), the PC parameter gradient $g^{\text{PC}}$ at the inferred
-    state ([`jpc.compute_pc_param_grads`][]) and the backprop gradient
-    $g^{\text{BP}}$ of the same output loss ([`jpc.mse_loss`][] or
+    state ([`jpc.compute_pc_param_grads`][], less the gradient of the weight
+    regularisers `weight_decay` and `spectral_penalty`, which backprop's lacks) and
+    the backprop gradient $g^{\text{BP}}$ of the same output loss ([`jpc.mse_loss`][] or
     [`jpc.cross_entropy_loss`][]) on the same batch. For every layer holding
     parameters (its weights and biases together):
 

@@ -219,12 +219,10 @@ def test_generative_pc(
         The energy is a batch mean, so each example's activity gradient scales as
         $1/B$ for a batch of $B$ examples, and the ODE path needs `max_t1`
         proportional to $B$: the default `max_t1=500` suits batches of about 25
-        (`max_t1` = 20 per example). Discrete inference has a fixed cost: for an
-        MNIST generator trained for one epoch (label → 784 pixels, width 128,
-        depth 3), `activity_optim=optax.sgd(0.1 * B)` with `n_inference_steps=100`
-        on batches of $B$ = 100 classified 77.7 % of 1000 test images in 1.6 s
-        against 80.0 % in 37 s for the ODE with `max_t1` = 20 per example (batches
-        of 20, CPU); `optax.sgd(0.02 * B, momentum=0.9)` reached 79.2 % in 3.0 s.
+        (`max_t1` = 20 per example). Discrete inference has a fixed cost
+        whatever the batch size: `activity_optim=jpc.per_example(optax.sgd(0.1))`
+        with `n_inference_steps=100` is the setting to start from; a per-example
+        step much above 0.1 can make this inference unstable.
         See the generative networks section of the basic usage page.
 
     !!! note "Implicit solvers and memory"

@@ -19,7 +19,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Integer
 
-from ._energies import hidden_precisions
+from ._energies import hidden_precisions, regulariser
 from ._layers import get_param_scalings, layer_inputs, predict, skip_at
 from ._rules import output_loss
 from ._types import Array, Float
@@ -128,10 +128,34 @@ def layer_learning_metric(
     weights = [1.0 if k is None else k for k in kappas] + [1.0 if lam is None else lam]
     inputs, _ = layer_inputs(activities, x)
     probe = _round_off_probe(model, skip_model, scalings, inputs, weights, y.shape[0])
-    result = _per_layer(pc_grads, bp_grads, probe)
+    decays = (kw.get("weight_decay", 0.0), kw.get("spectral_penalty", 0.0))
+    result = _per_layer(_without_regulariser(pc_grads, model, decays), bp_grads, probe)
     warn = functools.partial(_warn_if_inert, caller=caller)
-    jax.debug.callback(warn, result["status"], result["ratio"])
+    status, ratio = result["status"], result["ratio"]
+    jax.lax.cond(  # the host is called only when a layer is inert
+        _any_inert(status, ratio),
+        lambda s, r: jax.debug.callback(warn, s, r),
+        lambda s, r: None,
+        status,
+        ratio,
+    )
     return result
+
+
+def _without_regulariser(pc_grads, model, decays):
+    """The PC gradient less that of the weight regularisers, which backprop's lacks."""
+    if all(isinstance(d, (int, float)) and d == 0 for d in decays):
+        return pc_grads
+    reg_grads = eqx.filter_grad(lambda m: regulariser(m, [], *decays))(model)
+    return jtu.tree_map(lambda g, r: g - r, pc_grads, reg_grads)
+
+
+def _any_inert(status: Array, ratio: Array) -> Array:
+    """On device: whether `inert_layers` would flag any entry."""
+    if status.shape[0] < 2:
+        return jnp.asarray(False)
+    negligible = ratio[:-1] < NEGLIGIBLE * ratio[-1]
+    return (status[-1] == LIVE) & jnp.any((status[:-1] != LIVE) | negligible)
 
 
 def _per_layer(pc_grads, bp_grads, probe) -> LayerLearning:

@@ -162,7 +162,20 @@ def _is_one(scale: Any) -> bool:
     return isinstance(scale, (int, float)) and scale == 1
 
 
-_AFFINE = (eqx.nn.Linear, eqx.nn.Conv, eqx.nn.ConvTranspose)
+# Equinox's affine layers themselves, not subclasses (which may override `__call__`).
+_AFFINE = frozenset(
+    {
+        eqx.nn.Linear,
+        eqx.nn.Conv,
+        eqx.nn.Conv1d,
+        eqx.nn.Conv2d,
+        eqx.nn.Conv3d,
+        eqx.nn.ConvTranspose,
+        eqx.nn.ConvTranspose1d,
+        eqx.nn.ConvTranspose2d,
+        eqx.nn.ConvTranspose3d,
+    }
+)
 
 
 def fold_scale(layer: Layer, scale: Any) -> Layer | None:
@@ -171,7 +184,8 @@ def fold_scale(layer: Layer, scale: Any) -> Layer | None:
     `scale * (W h + b) = (scale W) h + scale b`, so for an `eqx.nn.Linear`, a
     convolution, or an `eqx.nn.Sequential` ending in one (the [`jpc.make_mlp`][]
     layout), the scaled layer is the same layer with its weight and bias scaled.
-    Returns `None` for any other layer.
+    Returns `None` for any other layer, subclasses of these included (they may
+    override `__call__`).
 
     Why fold: a prediction computed as `scale * layer(z)` and subtracted from an
     activity is one multiply feeding one subtraction, which XLA may fuse into a
@@ -184,7 +198,7 @@ def fold_scale(layer: Layer, scale: Any) -> Layer | None:
     the same sequence of operations at every place it is computed, and the
     hidden errors at the feedforward state are exactly 0.
     """
-    if isinstance(layer, _AFFINE):
+    if type(layer) in _AFFINE:
         if layer.bias is None:
             return eqx.tree_at(lambda m: m.weight, layer, scale * layer.weight)
         return eqx.tree_at(

@@ -52,9 +52,11 @@ def per_example(optim: optax.GradientTransformation) -> optax.GradientTransforma
     `per_example(optax.sgd(eta))` moves every example's activity by
     $\eta\,\partial\mathcal{F}_i/\partial z_{l,i}$, i.e. by $\eta$ times its own
     prediction errors, whatever the batch size $B$: it is `optax.sgd(eta * B)` on the
-    batch-mean energy, with $B$ read from the activities. With $\eta \le 1$ and
-    standard parameterisation a step never overshoots a layer's own error term
-    ($\eta = 1$ moves $z_l$ exactly onto its prediction when that term is alone).
+    batch-mean energy, with $B$ read from the activities. A hidden term with
+    precision $\kappa_l$ (`hidden_energy_scaling`, default 1) moves $z_l$ by
+    $\eta\kappa_l$ times its own error, so with $\eta\kappa_l \le 1$ a step never
+    overshoots that term ($\eta\kappa_l = 1$ moves $z_l$ exactly onto its
+    prediction when the term is alone).
     Optimisers that normalise their updates (Adam, RMSProp) are unaffected by the
     factor except through their `eps`.
 
@@ -69,6 +71,10 @@ def per_example(optim: optax.GradientTransformation) -> optax.GradientTransforma
     **Returns:**
 
     `optax.chain(jpc.scale_by_batch_size(), optim)`.
+
+    **Raises:**
+
+    `TypeError` if `optim` is not an `optax.GradientTransformation`.
 
     **Example:**
 

@@ -209,7 +209,7 @@ def test_warning_fires_once_for_inert_deep_mupc_network():
     inert = [w for w in record if _inert(w)]
     assert len(inert) == 1
     message = str(inert[0].message)
-    for fix in ("activity_lr", "n_inference_steps", "hidden_energy_scaling", "ePC"):
+    for fix in ("jpc.per_example", "n_inference_steps", "hidden_energy_scaling", "ePC"):
         assert fix.lower() in message.lower()
     assert out["layer_learning"]["status"][0] != ll.LIVE
     # ... and the same network with a per-example step: every layer live, no warning.
@@ -222,8 +222,7 @@ def test_warning_fires_once_for_inert_deep_mupc_network():
             y,
             skip_model=skip,
             param_type="mupc",
-            activity_optim=optax.sgd(1.0),
-            activity_lr=0.5 * x.shape[0],
+            activity_optim=jpc.per_example(optax.sgd(0.5)),
             n_inference_steps=len(model),
         )
     assert not [w for w in caught if _inert(w)]
@@ -281,4 +280,26 @@ def test_feedforward_state_ratio_is_output_precision(key):
         )
     np.testing.assert_array_equal(out["status"][:-1], ll.ZERO)
     np.testing.assert_allclose(out["ratio"][-1], 0.25, rtol=1e-10)
+    np.testing.assert_allclose(out["cosine"][-1], 1.0, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_weight_regularisers_are_left_out_of_the_comparison(key):
+    """With weight decay and a spectral penalty the PC update carries their
+    gradient, which backprop's lacks: the comparison leaves it out, so at the
+    feedforward state the lower layers are still exactly zero and the output
+    layer's ratio is still λ."""
+    p = random_problem(key, [3, 4, 4, 2], 5, act_fn="tanh")
+    with pytest.warns(UserWarning, match="do not learn"):
+        out = jpc.compute_layer_learning(
+            p.model,
+            p.x,
+            p.y,
+            activity_optim=optax.sgd(0.0),
+            n_inference_steps=1,
+            weight_decay=0.3,
+            spectral_penalty=0.1,
+        )
+    np.testing.assert_array_equal(out["status"][:-1], ll.ZERO)
+    np.testing.assert_allclose(out["ratio"][-1], 1.0, rtol=1e-10)
     np.testing.assert_allclose(out["cosine"][-1], 1.0, rtol=1e-10)
