@@ -11,7 +11,7 @@ it like a training step does (see `jpc.set_step_error_timing`).
 """
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -143,7 +143,7 @@ def _first_failure(first: Array, code: Array) -> Array:
 
 
 @deferred_checks  # like a training step: a failed check is raised at the next call
-def _run(step, state, x, y, key, step_key, shardings, sizes, step_kwargs):
+def _run(step, state, x, y, key, step_key, shardings, sizes, keep, step_kwargs):
     n, batch_size, n_epochs = sizes
     idx = _batch_indices(key, n, batch_size, n_epochs)
     step_keys = None if step_key is None else jr.split(step_key, idx.shape[0])
@@ -165,7 +165,16 @@ def _run(step, state, x, y, key, step_key, shardings, sizes, step_kwargs):
         carried = _carried(out, state)
         new_dynamic, new_static = eqx.partition(carried, eqx.is_array)
         _check_static(new_static, static)
-        metrics = {name: v for name, v in out.items() if name not in state}
+        metrics = {
+            name: v
+            for name, v in out.items()
+            if name not in state and (keep is None or name in keep)
+        }
+        if keep is not None and set(keep) - set(metrics):
+            raise ValueError(
+                f"`metrics` names results the step does not return: "
+                f"{sorted(set(keep) - set(metrics))} (its results: {sorted(out)})."
+            )
         first = _first_failure(first, _jit._error_code(checks))
         return (new_dynamic, first), metrics
 
@@ -220,6 +229,7 @@ def run_steps(
     key: Array | None = None,
     n_epochs: int = 1,
     step_key: Array | None = None,
+    metrics: Sequence[str] | None = None,
     **step_kwargs: Any,
 ) -> tuple[dict[str, PyTree], dict[str, Any]]:
     """Run many training steps over a dataset as one compiled program.
@@ -269,6 +279,11 @@ def run_steps(
     - `step_key`: optional PRNG key split into one key per step, passed as
         `key=` (e.g. for the random activities of unsupervised
         [`jpc.make_pc_step`][]).
+    - `metrics`: names of the step's results to keep, e.g. `("loss",)`; `None`
+        (default) keeps every result that is not part of `state`. Every kept
+        result is stored for every step: [`jpc.make_pc_step`][]'s `activities`
+        alone are `n_steps × batch_size × Σ widths` numbers, so keep only what you
+        need on long runs.
     - `**step_kwargs`: every other argument of the step (`optim=`,
         `activity_optim=`, ...). Python floats here are compiled in (a new value
         compiles again); pass a JAX scalar (`jnp.asarray(0.1)`) to trace one.
@@ -286,8 +301,9 @@ def run_steps(
     not a positive integer, `batch_size` exceeds the number of examples or is not
     a multiple of the number of devices the data is split over, `x` and `y`
     differ in their number of examples, `input`/`output` or a state entry is also
-    given in `step_kwargs`, or the step does not return a dict holding every
-    state entry. A step's runtime check that fails in any step (e.g. a non-finite
+    given in `step_kwargs`, the step does not return a dict holding every
+    state entry, or `metrics` names a result the step does not return. A step's
+    runtime check that fails in any step (e.g. a non-finite
     energy in [`jpc.make_pc_step`][]) raises `eqx.EquinoxRuntimeError` with the
     step's message, with the timing of training steps (by default at the next
     call of `run_steps`; see [`jpc.set_step_error_timing`][]).
@@ -306,5 +322,6 @@ def run_steps(
         step_key,
         shardings,
         (n, batch_size, n_epochs),
+        None if metrics is None else tuple(metrics),
         step_kwargs,
     )

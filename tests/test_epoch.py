@@ -340,3 +340,14 @@ def test_run_steps_with_sharded_data_equals_one_device():
     lines = [line.split("\t") for line in proc.stdout.splitlines()]
     verdicts = {cells[0]: cells[-1] for cells in lines}
     assert verdicts.get("run_steps sharded") == "ok", proc.stdout
+
+
+def test_metrics_keeps_only_the_named_results():
+    state, x, y, optim = problem()
+    options = dict(batch_size=BATCH, optim=optim)
+    _, every = jpc.run_steps(jpc.make_bp_step, state, x, y, **options)
+    _, kept = jpc.run_steps(jpc.make_bp_step, state, x, y, metrics=("loss",), **options)
+    assert set(kept) == {"loss"}
+    assert_trees_close(kept["loss"], every["loss"])
+    with pytest.raises(ValueError, match="`metrics` names results the step"):
+        jpc.run_steps(jpc.make_bp_step, state, x, y, metrics=("acc",), **options)
