@@ -38,7 +38,7 @@ from ._types import (
     Scalar,
     SkipModel,
 )
-from ._updates import discrete_inference
+from ._updates import NAMES, discrete_inference
 from ._utils import LOSS_FNS, compute_accuracy
 
 
@@ -297,8 +297,7 @@ def generative_equilibrium(args, activities, ode, stop, discrete=None) -> list:
         return [z[-1] for z in solve(args, activities, *ode, **stop)]
     kwargs = unpack_vector_field_args(args)
     params, y, x = kwargs.pop("params"), kwargs.pop("y"), kwargs.pop("x")
-    names = ("loss_id", "output", "input")
-    activities = check_finite_inputs(activities, y, x, names, stop["caller"])
+    activities = check_finite_inputs(activities, y, x, NAMES, stop["caller"])
     optim, n_steps = discrete
     final, _ = discrete_inference(
         params, activities, optim, n_steps, y, x, False, **kwargs

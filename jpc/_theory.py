@@ -350,7 +350,15 @@ def update_linear_equilib_energy_params(
     energy, grads = _energy_and_grads(params, x, y, param_type, *options)
 
     def energy_fn(p):
-        return _energy_and_grads(p, x, y, param_type, *options)[0]
+        return linear_equilib_energy(
+            p,
+            x,
+            y,
+            param_type=param_type,
+            gamma=gamma,
+            output_energy_scaling=output_energy_scaling,
+            hidden_energy_scaling=hidden_energy_scaling,
+        )
 
     (model, skip_model), opt_state = optax_update(
         tuple(params), grads, optim, opt_state, energy, energy_fn

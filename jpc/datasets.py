@@ -581,12 +581,15 @@ def batches(
 
     **Raises:**
 
-    `ValueError` if `x` and `y` differ in length, `batch_size` is not positive or
-    (with `drop_last`) larger than `n`, or `start` is not a non-negative integer.
+    `ValueError` if `x` and `y` differ in length or are empty, `batch_size` is not
+    positive or (with `drop_last`) larger than `n`, or `start` is not a
+    non-negative integer.
     """
     n = len(x)
     if len(y) != n:
         raise ValueError(f"`x` and `y` must have equal lengths, got {n} and {len(y)}.")
+    if n == 0:
+        raise ValueError("`x` and `y` hold no examples (length 0).")
     if batch_size <= 0 or (drop_last and batch_size > n):
         raise ValueError(
             f"`batch_size` must be in [1, {n}] (the number of examples), got "

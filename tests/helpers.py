@@ -9,6 +9,7 @@ checked against hand-written formulas in `test_init.py`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -355,6 +356,25 @@ def random_problem(
         act_fn=act_fn,
         gamma=gamma,
     )
+
+
+# --------------------------------------------------------------- compilation
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Collect the names of XLA compilations that happen inside the block."""
+    events = []
+
+    def listener(name, *args, **kwargs):
+        if "backend_compile" in name:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # --------------------------------------------------------------- numerics

@@ -1,7 +1,5 @@
 """Bidirectional PC (SPEC §6.2): energy, gradients, updates, tracing, errors."""
 
-import contextlib
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -9,7 +7,13 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
-from helpers import assert_trees_close, central_fd_grad, ref_forward, ref_scalings
+from helpers import (
+    assert_trees_close,
+    central_fd_grad,
+    count_compiles,
+    ref_forward,
+    ref_scalings,
+)
 
 import jpc
 
@@ -249,21 +253,6 @@ def test_inference_then_learning_lowers_energy(key):
     before = ref_energy(dict(pb), acts)
     after = ref_energy(dict(pb), acts, *out["models"])
     assert float(after) < float(before)
-
-
-@contextlib.contextmanager
-def count_compiles():
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if "backend_compile" in name:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_weights_are_traced(key):

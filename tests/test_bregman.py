@@ -5,7 +5,6 @@ References are written here from the formulas (Helmbold, Kivinen & Warmuth 1999)
 Φ*(z), and the layered energy with explicit loops over `eqx.nn.Linear` weights.
 """
 
-import contextlib
 import math
 
 import equinox as eqx
@@ -15,6 +14,7 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
+from helpers import count_compiles
 from jax.flatten_util import ravel_pytree
 
 import jpc
@@ -101,21 +101,6 @@ def make_problem(key, act_fn="tanh", sizes=SIZES, batch=BATCH, noise=0.3):
 
 def target(pb, loss):
     return pb["y_range"] if loss == "bregman" else pb["y"]
-
-
-@contextlib.contextmanager
-def count_compiles():
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if "backend_compile" in name:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # ---------------------------------------------------------------- divergence

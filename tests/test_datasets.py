@@ -346,6 +346,8 @@ def test_batches_reject_bad_arguments():
         datasets.batches(np.zeros(3), np.zeros(3), 4, 0)
     with pytest.raises(ValueError, match=r"`batch_size` must be in \[1, 3\]"):
         datasets.batches(np.zeros(3), np.zeros(3), 0, 0)
+    with pytest.raises(ValueError, match=r"hold no examples \(length 0\)"):
+        datasets.batches(np.zeros(0), np.zeros(0), 1, 0)
 
 
 def _labels(it, n):

@@ -3,8 +3,6 @@ SPEC's own formula for S written out with explicit products, `jax.hessian` of th
 numerical energy, the independent Newton reference of `helpers`, and autodiff / finite
 differences through the numerical equilibrium."""
 
-import contextlib
-
 import diffrax
 import equinox as eqx
 import jax
@@ -15,6 +13,7 @@ import pytest
 from helpers import (
     assert_trees_close,
     central_fd_grad,
+    count_compiles,
     init_param_opt,
     mlp_weights,
     random_problem,
@@ -441,21 +440,6 @@ def test_update_params_is_an_optax_step_and_training_lowers_energy(key):
         )
         params, opt_state = (res["model"], res["skip_model"]), res["opt_state"]
     assert float(jpc.linear_equilib_energy(params, p.x, p.y)) < 0.8 * start
-
-
-@contextlib.contextmanager
-def count_compiles():
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if "backend_compile" in name:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_update_params_traces_float_hyperparameters(key):

@@ -1,7 +1,5 @@
 """make_pc_step / make_bp_step against hand-written loops (SPEC §5, §11.4, §11.8)."""
 
-import contextlib
-
 import diffrax
 import equinox as eqx
 import jax
@@ -14,6 +12,7 @@ from helpers import (
     array_leaves,
     assert_trees_close,
     backprop_grads,
+    count_compiles,
     free_slice,
     init_param_opt,
     optax_param_update,
@@ -463,21 +462,6 @@ def test_make_bp_step_equals_hand(key, param_type, skip):
 
 
 # ------------------------------------------------------------------ §11.8 jit
-
-
-@contextlib.contextmanager
-def count_compiles():
-    events = []
-
-    def listener(name, *args, **kwargs):
-        if "backend_compile" in name:
-            events.append(name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield events
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 HYPERS = [
