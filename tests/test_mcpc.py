@@ -344,3 +344,26 @@ def test_samples_use_the_parameterisation():
     z1, _ = jpc.sample_generative_pc(jr.key(0), model, x, param_type="mupc")
     w2 = model[1].layers[1].weight
     np.testing.assert_allclose(y, z1 @ w2.T / 5, rtol=1e-10)  # a_L = 1/N
+
+
+@pytest.mark.slow
+def test_ancestral_samples_with_hidden_precisions():
+    r"""With $\kappa_1$ the hidden noise has variance $1/\kappa_1$: $z_1 \sim
+    \mathcal{N}(W_1x + b_1, \kappa_1^{-1}I)$ and $y \sim \mathcal{N}(W_2(W_1x +
+    b_1) + b_2, W_2W_2^\top/\kappa_1 + \lambda^{-1}I)$."""
+    n, lam, kappa = 20000, 4.0, 0.25
+    model = jpc.make_mlp(jr.key(16), 2, 3, 2, 4, "linear", use_bias=True)
+    (w1, b1), (w2, b2) = linear_weights(model)
+    x0 = jnp.array([0.5, -1.0])
+    x = jnp.tile(x0, (n, 1))
+    z1, y = jpc.sample_generative_pc(
+        jr.key(17),
+        model,
+        x,
+        output_energy_scaling=lam,
+        hidden_energy_scaling=[kappa],
+    )
+    mean_z1 = w1 @ x0 + b1
+    assert_gaussian_moments(np.asarray(z1), mean_z1, np.eye(3) / kappa)
+    cov_y = w2 @ w2.T / kappa + np.eye(4) / lam
+    assert_gaussian_moments(np.asarray(y), w2 @ mean_z1 + b2, cov_y)

@@ -14,6 +14,7 @@ the PC parameter gradient averaged over the sampled states.
 """
 
 import functools
+from collections.abc import Sequence
 from typing import Any, TypedDict
 
 import equinox as eqx
@@ -34,7 +35,9 @@ from .._checks import (
 )
 from .._energies import (
     check_energy_inputs,
+    check_hidden_scaling,
     energy_options,
+    hidden_precisions,
     layer_energies,
     record_order,
 )
@@ -310,7 +313,7 @@ def make_mcpc_step(
     )
 
 
-@traced_floats("gamma", "output_energy_scaling")
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def sample_generative_pc(
     key: Array,
     model: Model,
@@ -321,17 +324,20 @@ def sample_generative_pc(
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
     output_noise: bool = True,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> list[Float[Array, "n_samples ..."]]:
     r"""Ancestral samples of the generative model that the PC energy defines.
 
     The energy of [`jpc.pc_energy_fn`][] (loss `"mse"`) is, per example, the
     negative log-density, up to a constant, of the directed Gaussian model
 
-    $$z_l \sim \mathcal{N}\big(a_l f_l(z_{l-1}) + s_l(z_{l-1}),\ I\big),\ l < L,
+    $$z_l \sim \mathcal{N}\big(a_l f_l(z_{l-1}) + s_l(z_{l-1}),\
+    \kappa_l^{-1} I\big),\ l < L,
     \qquad y \sim \mathcal{N}\big(a_L f_L(z_{L-1}) + s_L(z_{L-1}),\
     \lambda^{-1} I\big),$$
 
-    given $z_0$ = `x` ($\lambda$ = `output_energy_scaling`). This draws one
+    given $z_0$ = `x` ($\lambda$ = `output_energy_scaling`, $\kappa_l$ =
+    `hidden_energy_scaling`, both 1 by default). This draws one
     sample of $p(z_1, \dots, z_{L-1}, y \mid z_0 = x)$ per row of `x`, layer after
     layer, as trained by [`jpc.make_mcpc_step`][] (Oliviers, Bogacz & Meulemans,
     2024) or [`jpc.make_pc_step`][].
@@ -348,6 +354,8 @@ def sample_generative_pc(
         parameterisation, as for [`jpc.make_pc_step`][].
     - `x`: `(n_samples, ...)` values of the bottom layer $z_0$.
     - `output_energy_scaling`: output precision $\lambda$ (default 1, traced).
+    - `hidden_energy_scaling`: hidden precisions $\kappa_l$ (`None`: 1; one
+        number, or one per hidden layer), as for [`jpc.pc_energy_fn`][].
     - `output_noise`: if `False`, the last entry is the conditional mean
         $a_L f_L(z_{L-1}) + s_L(z_{L-1})$ of $y$ given the sampled $z_{L-1}$
         instead of a sample (for showing images, whose pixel noise hides them).
@@ -368,11 +376,15 @@ def sample_generative_pc(
     )
     keys = jr.split(key, len(model))
     last = len(model) - 1
-    output_std = 1.0 if output_energy_scaling is None else output_energy_scaling**-0.5
+    check_hidden_scaling(hidden_energy_scaling, model)
+    precisions = [
+        *hidden_precisions(hidden_energy_scaling, last),
+        output_energy_scaling,
+    ]
     samples, z, name = [], x, "x"
     for i, (layer, k) in enumerate(zip(model, keys)):
         mean = predict(layer, skip_at(skip_model, i), scalings[i], z, name)
-        std = output_std if i == last else 1.0
+        std = 1.0 if precisions[i] is None else precisions[i] ** -0.5
         noisy = i < last or output_noise
         z = mean + std * jr.normal(k, mean.shape, mean.dtype) if noisy else mean
         samples.append(z)
