@@ -63,7 +63,13 @@ def _per_example(values: Array, like: Array) -> Array:
 
 
 def polished_ratio(
-    y: list, field: list, args: tuple, rtol: Any, atol: Any, neg_hvp=None
+    y: list,
+    field: list,
+    args: tuple,
+    rtol: Any,
+    atol: Any,
+    neg_hvp=None,
+    field_fn=neg_pc_activity_grad,
 ) -> Array:
     r"""The stop's ratio after one exact line-search step along the field.
 
@@ -86,7 +92,7 @@ def polished_ratio(
     direction = [batch_size * f for f in field]
 
     def neg_grad(z):
-        return neg_pc_activity_grad(None, z, args)
+        return field_fn(None, z, args)
 
     if neg_hvp is None:
         _, neg_hvp_d = jax.jvp(neg_grad, (list(y),), (direction,))
@@ -114,7 +120,9 @@ _POLISH_BELOW = 1e3  # the line-search check runs only when the plain ratio is b
 
 
 def steady_state_event(
-    rtol: Any = DEFAULT_STEADY_STATE_RTOL, atol: Any = DEFAULT_STEADY_STATE_ATOL
+    rtol: Any = DEFAULT_STEADY_STATE_RTOL,
+    atol: Any = DEFAULT_STEADY_STATE_ATOL,
+    field_fn=neg_pc_activity_grad,
 ) -> dfx.Event:
     r"""Stop once every example's every layer is steady.
 
@@ -127,7 +135,10 @@ def steady_state_event(
     state (the JPC library's event tested the state and never fired), and per
     example and layer, so that large activities in one example or layer do not
     loosen it for the others. (A step-size controller passed as `rtol`, the old
-    form of the call, gives its own tolerances, as the default does.)
+    form of the call, gives its own tolerances, as the default does.) `field_fn`
+    is the vector field the solve integrates (the PC field by default; in the
+    activities' dtype when the state is held in a wider one), so that the stop
+    tests the field that is integrated.
     """
     if isinstance(rtol, dfx.AbstractStepSizeController):
         rtol, atol = _stop_tolerances(None, None, rtol)
@@ -141,11 +152,11 @@ def steady_state_event(
         y = list(y)
         # One evaluation serves the field and, when the line-search check runs,
         # its Hessian-vector product (only the tangent part is left to compute).
-        field, neg_hvp = jax.linearize(lambda z: neg_pc_activity_grad(t, z, args), y)
+        field, neg_hvp = jax.linearize(lambda z: field_fn(t, z, args), y)
         ratio = steady_state_ratio(field[:-1], free, rtol, atol)
         return jax.lax.cond(
             (ratio > 1) & (ratio < _POLISH_BELOW),
-            lambda: polished_ratio(y, field, args, rtol, atol, neg_hvp) <= 1,
+            lambda: polished_ratio(y, field, args, rtol, atol, neg_hvp, field_fn) <= 1,
             lambda: ratio <= 1,
         )
 
@@ -434,7 +445,7 @@ def solve(
             dtype,
         ),
         stepsize_controller=controller,
-        event=steady_state_event(rtol, atol),
+        event=steady_state_event(rtol, atol, field),  # the field integrated
         max_steps=n_steps,
         throw=False,
     )
