@@ -103,12 +103,15 @@ def check_model(model: Any, skip_model: Any = None) -> None:
 
 @functools.cache
 def _needs_state(kind: type) -> bool:
-    """Whether `kind.__call__` has a `state` argument without a default."""
+    """Whether `kind.__call__` has a `state` or `key` argument without a default."""
     try:
-        parameter = inspect.signature(kind.__call__).parameters.get("state")
+        parameters = inspect.signature(kind.__call__).parameters
     except (TypeError, ValueError):
         return False
-    return parameter is not None and parameter.default is inspect.Parameter.empty
+    return any(
+        name in parameters and parameters[name].default is inspect.Parameter.empty
+        for name in ("state", "key")
+    )
 
 
 def _stateful_part(node: Any) -> str | None:

@@ -471,3 +471,19 @@ def test_unflattened_images_name_the_size():
     activities = [jnp.zeros((3, 8)), jnp.zeros((3, 10))]
     with pytest.raises(ValueError, match=r"flatten each example to 784"):
         jpc.pc_energy_fn((model, None), activities, jnp.zeros((3, 10)), x=images)
+
+
+class _NeedsKey(eqx.Module):
+    linear: eqx.nn.Linear
+
+    def __call__(self, z, key):
+        return self.linear(z) + jr.normal(key, (self.linear.out_features,))
+
+
+def test_layer_needing_a_key_is_refused():
+    k1, k2 = jr.split(jr.PRNGKey(0))
+    model = [_NeedsKey(eqx.nn.Linear(3, 4, key=k1)), eqx.nn.Linear(4, 2, key=k2)]
+    x, y = jr.normal(k1, (5, 3)), jr.normal(k2, (5, 2))
+    activities = [jnp.zeros((5, 4)), jnp.zeros((5, 2))]
+    with pytest.raises(ValueError, match=r"`model\[0\]` \(_NeedsKey\).*_NeedsKey"):
+        jpc.pc_energy_fn((model, None), activities, y, x=x)
