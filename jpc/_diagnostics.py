@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import optax
 
 from ._checks import check_layers, traced_floats
-from ._energies import check_hidden_scaling
+from ._energies import check_hidden_scaling, make_energy_kwargs
 from ._grads import compute_pc_param_grads
 from ._infer import (
     DEFAULT_STEADY_STATE_ATOL,
@@ -270,25 +270,12 @@ def _inferred_state(params, x, y, energy_kwargs, inference):
     return start, final
 
 
-def _energy_kwargs(
-    loss_id, param_type, gamma, lam, decays=(0.0, 0.0, 0.0), kappa=None
-) -> dict:
-    kw = dict(
-        loss_id=loss_id,
-        param_type=param_type,
-        weight_decay=decays[0],
-        spectral_penalty=decays[1],
-        activity_decay=decays[2],
-        gamma=gamma,
-        output_energy_scaling=lam,
-    )
-    return kw if kappa is None else dict(kw, hidden_energy_scaling=kappa)
-
-
 def _pc_grads(model, x, y, loss_id, skip_model, param_type, inference, lam, kappa):
     """PC weight gradients at the feedforward state and after inference."""
     params = (model, skip_model)
-    energy_kwargs = _energy_kwargs(loss_id, param_type, None, lam, kappa=kappa)
+    energy_kwargs = make_energy_kwargs(
+        loss_id, param_type, output_energy_scaling=lam, hidden_energy_scaling=kappa
+    )
     states = _inferred_state(params, x, y, energy_kwargs, inference)
     at = [
         compute_pc_param_grads(params, acts, y, x=x, **energy_kwargs)[0]
@@ -502,10 +489,16 @@ def compute_layer_learning(
     check_inference_options(activity_optim, n_inference_steps)
     activity_optim = with_activity_lr(activity_optim, activity_lr)
     params = (model, skip_model)
-    decays = (weight_decay, spectral_penalty, activity_decay)
     check_hidden_scaling(hidden_energy_scaling, model)
-    kw = _energy_kwargs(
-        loss_id, param_type, gamma, output_energy_scaling, decays, hidden_energy_scaling
+    kw = make_energy_kwargs(
+        loss_id,
+        param_type,
+        weight_decay,
+        spectral_penalty,
+        activity_decay,
+        gamma,
+        output_energy_scaling,
+        hidden_energy_scaling,
     )
     ode = (ode_solver, max_t1, dt, stepsize_controller, None)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)

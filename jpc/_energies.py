@@ -241,6 +241,34 @@ def energy_options(kw) -> tuple:
     )
 
 
+def make_energy_kwargs(
+    loss_id: str,
+    param_type: str,
+    weight_decay: Any = 0.0,
+    spectral_penalty: Any = 0.0,
+    activity_decay: Any = 0.0,
+    gamma: Any = None,
+    output_energy_scaling: Any = None,
+    hidden_energy_scaling: Any = None,
+) -> dict:
+    """The keyword options of the standard PC energy, as one dict.
+
+    The dict that the step helpers pass on to the activity and parameter
+    gradients (`**kw`), to inference and, through [`energy_options`][], to
+    [`layer_energies`][].
+    """
+    return dict(
+        loss_id=loss_id,
+        param_type=param_type,
+        weight_decay=weight_decay,
+        spectral_penalty=spectral_penalty,
+        activity_decay=activity_decay,
+        gamma=gamma,
+        output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
+    )
+
+
 def record_order(energies: list) -> list:
     """Reorder `[E_1, ..., E_L]` into the compatible `[E_L, E_2, ..., E_{L-1}, E_1]`."""
     if len(energies) == 1:

@@ -192,6 +192,7 @@ def test_generative_pc(
     steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
     activity_optim: optax.GradientTransformation | None = None,
     n_inference_steps: int | None = None,
+    return_info: bool = False,
 ) -> tuple[Float[Array, ""], Float[Array, "batch ..."]]:
     r"""Evaluate a generative network (label → data) by inferring its input.
 
@@ -213,6 +214,8 @@ def test_generative_pc(
     - `activity_optim`, `n_inference_steps`: discrete inference instead of the
         ODE, as in [`jpc.make_pc_step`][]: that many `activity_optim` steps on the
         activities, in one compiled loop (default `None`: the ODE).
+    - `return_info`: also return what happened during the inference (default
+        `False`).
 
     !!! tip "Settings that classify well and fast"
 
@@ -239,7 +242,10 @@ def test_generative_pc(
     **Returns:**
 
     `(input_accuracy_percent, output_predictions)`, the latter the network's
-    feedforward prediction of the data from the true labels `input`.
+    feedforward prediction of the data from the true labels `input`. With
+    `return_info=True`, a third entry: the ODE solve's [`jpc.InferenceInfo`][]
+    (its `steady_state_reached` says whether the steady-state stop fired before
+    `max_t1`), or `None` with discrete inference.
 
     **Raises:**
 
@@ -268,33 +274,36 @@ def test_generative_pc(
         "test_generative_pc", max_steps, steady_state_rtol, steady_state_atol
     )
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
-    input_acc = generative_accuracy(
+    input_acc, info = generative_accuracy(
         args, input, (key, layer_sizes, batch_size, sigma), ode, stop, discrete
     )
     output_preds = _feedforward_prediction(model, input, skip_model, param_type)
-    return input_acc, output_preds
+    return (input_acc, output_preds, info) if return_info else (input_acc, output_preds)
 
 
-def generative_accuracy(args, labels, random, ode, stop, discrete=None) -> Array:
+def generative_accuracy(args, labels, random, ode, stop, discrete=None) -> tuple:
     """Accuracy of $z_0$ inferred from random activities (not jitted).
 
     `random` is `(key, layer_sizes, batch_size, sigma)`, `ode` is
     `(solver, max_t1, dt, controller)`, `stop` the keyword options of `solve` and
-    `discrete` `(activity_optim, n_inference_steps)` or `None` (the ODE).
+    `discrete` `(activity_optim, n_inference_steps)` or `None` (the ODE). Returns
+    `(accuracy, info)`, `info` the solve's `InferenceInfo` or `None` (discrete).
     """
     key, layer_sizes, batch_size, sigma = random
     activities = init_activities_from_normal(
         key, layer_sizes, "unsupervised", batch_size, sigma
     )
     activities = like_data(activities, args[1])
-    equilibrium = generative_equilibrium(args, activities, ode, stop, discrete)
-    return compute_accuracy(labels, equilibrium[0])
+    equilibrium, info = generative_equilibrium(args, activities, ode, stop, discrete)
+    return compute_accuracy(labels, equilibrium[0]), info
 
 
-def generative_equilibrium(args, activities, ode, stop, discrete=None) -> list:
-    """Final activities of inference with only the top clamped, by either path."""
+def generative_equilibrium(args, activities, ode, stop, discrete=None) -> tuple:
+    """Final activities of inference with only the top clamped, by either path, and
+    the ODE solve's `InferenceInfo` (`None` on the discrete path)."""
     if discrete is None:
-        return [z[-1] for z in solve(args, activities, *ode, **stop)]
+        ys, info = solve(args, activities, *ode, return_info=True, **stop)
+        return [z[-1] for z in ys], info
     kwargs = unpack_vector_field_args(args)
     params, y, x = kwargs.pop("params"), kwargs.pop("y"), kwargs.pop("x")
     activities = check_finite_inputs(activities, y, x, NAMES, stop["caller"])
@@ -302,7 +311,7 @@ def generative_equilibrium(args, activities, ode, stop, discrete=None) -> list:
     final, _ = discrete_inference(
         params, activities, optim, n_steps, y, x, False, **kwargs
     )
-    return final
+    return final, None
 
 
 test_discriminative_pc.__test__ = False  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from ._energies import (
     check_energy_inputs,
     energy_options,
     layer_energies,
+    make_energy_kwargs,
     record_order,
 )
 from ._eval import infer_energies
@@ -68,6 +69,7 @@ class _PCStepResult(TypedDict):
     acc: Array | None
     activities: list[Array]
     t_max: Array
+    steady_state_reached: Array | None
     energies: Array
     activity_norms: Array | None
     model_param_norms: Array | None
@@ -161,14 +163,24 @@ def initial_activities(model, skip_model, output, input, param_type, gamma, rand
 
 
 def infer(
-    params, activities, output, input, ode, discrete, record, energy_kwargs, stop=None
+    params,
+    activities,
+    output,
+    input,
+    ode,
+    discrete,
+    record,
+    energy_kwargs,
+    stop=None,
+    with_reached=False,
 ):
     """Inference on either path; returns `(trajectory, final, t_max)`.
 
     `ode` is `(solver, max_t1, dt, controller, record_every)`; `discrete` is
     `(optim, n_steps)` or `None`; `stop` holds keyword options of `solve` (the
     steady-state tolerances, `max_steps` and the caller's name). The trajectory has
-    a leading time axis.
+    a leading time axis. With `with_reached`, also returns whether the steady-state
+    stop fired (a boolean scalar on the ODE path, `None` on the discrete path).
     """
     if discrete is not None:
         optim, n_steps = discrete
@@ -176,11 +188,13 @@ def infer(
             params, activities, optim, n_steps, output, input, record, **energy_kwargs
         )
         if not record:
-            return [z[None] for z in final], final, None
-        return trajectory, final, jnp.asarray(n_steps - 1)
+            result = [z[None] for z in final], final, None
+        else:
+            result = trajectory, final, jnp.asarray(n_steps - 1)
+        return (*result, None) if with_reached else result
     solver, max_t1, dt, controller, record_every = ode
     args = vector_field_args(params, output, input, **energy_kwargs)
-    trajectory = solve(
+    trajectory, info = solve(
         args,
         activities,
         solver,
@@ -189,13 +203,17 @@ def infer(
         controller,
         record_iters=record and record_every is None,
         record_every=record_every if record else None,
+        return_info=True,
         **(stop or {}),
     )
     if not record:
-        return trajectory, [z[-1] for z in trajectory], None
-    # Recorded rows are followed by `inf` padding; the final state is the last row.
-    t_max = get_t_max(trajectory)
-    return trajectory, [z[t_max] for z in trajectory], t_max
+        result = trajectory, [z[-1] for z in trajectory], None
+    else:
+        # Recorded rows are followed by `inf` padding; the final state is the last
+        # row.
+        t_max = get_t_max(trajectory)
+        result = trajectory, [z[t_max] for z in trajectory], t_max
+    return (*result, info.steady_state_reached) if with_reached else result
 
 
 def _energies_at(t, y, args) -> Array:
@@ -226,16 +244,17 @@ def infer_recorded(
 ):
     """[`infer`][] that also records the per-layer energies along the way.
 
-    Returns `((trajectory, energies), final, t_max)`; `energies` is `(L, T)` in
-    layer order (`0.` after `t_max`) or `None`. On the ODE path the energies of
-    each saved state are computed inside the solve (a `SaveAt` `fn`), so recording
-    them stores no states: without `record_activities`, `trajectory` is the final
-    state only (leading axis of length 1) and the step budget is that of an
-    unrecorded solve.
+    Returns `((trajectory, energies), final, t_max, steady_state_reached)`;
+    `energies` is `(L, T)` in layer order (`0.` after `t_max`) or `None`, and
+    `steady_state_reached` is `None` on the discrete path. On the ODE path the
+    energies of each saved state are computed inside the solve (a `SaveAt` `fn`),
+    so recording them stores no states: without `record_activities`, `trajectory`
+    is the final state only (leading axis of length 1) and the step budget is that
+    of an unrecorded solve.
     """
     if not record_energies or discrete is not None:
         record = record_activities or record_energies
-        trajectory, final, t_max = infer(
+        trajectory, final, t_max, reached = infer(
             params,
             activities,
             output,
@@ -245,18 +264,19 @@ def infer_recorded(
             record,
             energy_kwargs,
             stop,
+            with_reached=True,
         )
         energies = None
         if record_energies:
             energies = infer_energies(
                 params, trajectory, t_max, output, input, *energy_options(energy_kwargs)
             )
-        return (trajectory, energies), final, t_max
+        return (trajectory, energies), final, t_max, reached
     solver, max_t1, dt, controller, record_every = ode
     args = vector_field_args(params, output, input, **energy_kwargs)
     times = _saveat(max_t1, record_every is None, record_every).subs
     states = times if record_activities else dfx.SubSaveAt(t1=True)
-    saved = solve(
+    saved, info = solve(
         args,
         activities,
         solver,
@@ -265,6 +285,7 @@ def infer_recorded(
         controller,
         record_iters=record_activities and record_every is None,
         saveat=dfx.SaveAt(subs=[states, dataclasses.replace(times, fn=_energies_at)]),
+        return_info=True,
         **(stop or {}),
     )
     trajectory, energy_rows = saved
@@ -273,7 +294,8 @@ def infer_recorded(
         final = [z[t_max] for z in trajectory]
     else:
         final = [z[-1] for z in trajectory]
-    return (trajectory, _recorded_energies(energy_rows, t_max)), final, t_max
+    energies = _recorded_energies(energy_rows, t_max)
+    return (trajectory, energies), final, t_max, info.steady_state_reached
 
 
 def _final_energies(params, final, output, input, energy_kwargs) -> Array:
@@ -379,8 +401,9 @@ def make_pc_step(
     **Returns:**
 
     A dict with keys `model, skip_model, opt_state, loss, acc, activities, t_max,
-    energies, activity_norms, model_param_norms, skip_model_param_norms,
-    model_grad_norms, skip_model_grad_norms`; unrequested metrics are `None`. With
+    steady_state_reached, energies, activity_norms, model_param_norms,
+    skip_model_param_norms, model_grad_norms, skip_model_grad_norms`; unrequested
+    metrics are `None`. With
     `layer_learning=True`, also `layer_learning`.
 
     - `loss`: loss of the feedforward prediction before the update (`None` when
@@ -390,6 +413,9 @@ def make_pc_step(
         `record_activities`, then one row per accepted solver step (or per
         `record_every` time, or per discrete step).
     - `t_max`: the row of the final state when recording, else `0`.
+    - `steady_state_reached`: on the ODE path, a boolean scalar saying whether the
+        steady-state stop fired before `max_t1` (with `nudging`, in every phase);
+        `None` with discrete inference, which always runs `n_inference_steps`.
     - `energies`: with `record_energies`, an `(L, T)` array of per-layer energies
         along the inference (layer order, `0.` after `t_max`, as
         [`jpc.compute_infer_energies`][]), computed inside the ODE solve without
@@ -420,15 +446,15 @@ def make_pc_step(
         check_option("nudging", nudging, NUDGINGS)
         check_beta(beta)
     params = (model, skip_model)
-    energy_kwargs = dict(
-        loss_id=loss_id,
-        param_type=param_type,
-        weight_decay=weight_decay,
-        spectral_penalty=spectral_penalty,
-        activity_decay=activity_decay,
-        gamma=gamma,
-        output_energy_scaling=output_energy_scaling,
-        hidden_energy_scaling=hidden_energy_scaling,
+    energy_kwargs = make_energy_kwargs(
+        loss_id,
+        param_type,
+        weight_decay,
+        spectral_penalty,
+        activity_decay,
+        gamma,
+        output_energy_scaling,
+        hidden_energy_scaling,
     )
     activities, prediction = initial_activities(
         model,
@@ -449,7 +475,7 @@ def make_pc_step(
     stop = stop_options("make_pc_step", max_steps, steady_state_rtol, steady_state_atol)
     recording = (record_activities, record_energies)
     if nudging is None:
-        (trajectory, energies), final, t_max = infer_recorded(
+        (trajectory, energies), final, t_max, reached = infer_recorded(
             params,
             activities,
             output,
@@ -464,7 +490,7 @@ def make_pc_step(
             params, final, optim, opt_state, output, input, **energy_kwargs
         )
     else:
-        first_phase, *update = nudged_param_step(
+        phases, *update = nudged_param_step(
             lambda kw: infer_recorded(
                 params, activities, output, input, ode, discrete, *recording, kw, stop
             ),
@@ -478,7 +504,9 @@ def make_pc_step(
             beta,
         )
         energy, new_model, new_skip, grads, opt_state = update
-        (trajectory, energies), final, t_max, output_energy_scaling = first_phase
+        ((trajectory, energies), final, t_max, _), output_energy_scaling = phases[0]
+        reached = [inferred[-1] for inferred, _ in phases]
+        reached = None if reached[0] is None else jnp.all(jnp.stack(reached))
     new_model = error_if(
         new_model,
         ~jnp.isfinite(energy),
@@ -505,6 +533,7 @@ def make_pc_step(
         acc=acc,
         activities=trajectory,
         t_max=t_max,
+        steady_state_reached=reached,
         energies=energies,
         activity_norms=compute_activity_norms(final) if activity_norms else None,
         model_param_norms=_norms(param_norms, model),

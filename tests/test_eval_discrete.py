@@ -65,7 +65,7 @@ DISCRETE = (optax.sgd(0.3 * BATCH), 400)
 
 def test_discrete_inference_reaches_the_closed_form_equilibrium(problem):
     model, y, z = problem
-    disc = generative_equilibrium(args_of(model, y), start(y), ODE, STOP, DISCRETE)
+    disc, _ = generative_equilibrium(args_of(model, y), start(y), ODE, STOP, DISCRETE)
     for found, expected in zip(disc, z):
         np.testing.assert_allclose(found, expected, rtol=1e-10, atol=1e-12)
 
@@ -73,8 +73,8 @@ def test_discrete_inference_reaches_the_closed_form_equilibrium(problem):
 @pytest.mark.slow
 def test_discrete_and_ode_reach_the_same_equilibrium(problem):
     model, y, z = problem
-    ode = generative_equilibrium(args_of(model, y), start(y), ODE, STOP)
-    disc = generative_equilibrium(args_of(model, y), start(y), ODE, STOP, DISCRETE)
+    ode, _ = generative_equilibrium(args_of(model, y), start(y), ODE, STOP)
+    disc, _ = generative_equilibrium(args_of(model, y), start(y), ODE, STOP, DISCRETE)
     for found, expected in zip(ode, z):
         np.testing.assert_allclose(found, expected, rtol=1e-6, atol=1e-8)
     for a, b in zip(ode, disc):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+import optax
 import pytest
 
 import jpc
@@ -161,3 +162,150 @@ def test_no_resolution_warning_for_the_default_in_wider_types(dtype, fresh_warni
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jpc.solve_inference((model, None), z, y, input=x, max_t1=1.0)
+
+
+# --------------------------------------------- the flag at every inference entry point
+
+
+@pytest.mark.parametrize("max_t1", [0.01, 500])
+def test_make_pc_step_flag_is_solve_inferences(max_t1):
+    """`make_pc_step` reports the flag of the same solve done by hand; `None` with
+    discrete inference (which has no stop)."""
+    model, x, y, z = _linear_problem()
+    optim = optax.sgd(0.0)
+    opt_state = optim.init((eqx.filter(model, eqx.is_array), None))
+    _, info = jpc.solve_inference(
+        (model, None), z, y, input=x, max_t1=max_t1, return_info=True
+    )
+    result = jpc.make_pc_step(model, optim, opt_state, y, input=x, max_t1=max_t1)
+    assert bool(result["steady_state_reached"]) == bool(info.steady_state_reached)
+    assert bool(info.steady_state_reached) == (max_t1 == 500)
+    recorded = jpc.make_pc_step(
+        model, optim, opt_state, y, input=x, max_t1=max_t1, record_energies=True
+    )
+    assert bool(recorded["steady_state_reached"]) == (max_t1 == 500)
+    discrete = jpc.make_pc_step(
+        model,
+        optim,
+        opt_state,
+        y,
+        input=x,
+        activity_optim=optax.sgd(0.1),
+        n_inference_steps=3,
+    )
+    assert discrete["steady_state_reached"] is None
+
+
+def test_nudged_make_pc_step_flag_needs_every_phase():
+    """Centred nudging solves twice (output precisions +β and −β): the flag is
+    the conjunction of the two solves' flags, done by hand."""
+    model, x, y, z = _linear_problem()
+    optim = optax.sgd(0.0)
+    opt_state = optim.init((eqx.filter(model, eqx.is_array), None))
+    beta = 0.5
+    flags = []
+    for sign in (1, -1):
+        _, info = jpc.solve_inference(
+            (model, None),
+            z,
+            y,
+            input=x,
+            max_t1=500,
+            output_energy_scaling=sign * beta,
+            return_info=True,
+        )
+        flags.append(bool(info.steady_state_reached))
+    result = jpc.make_pc_step(
+        model,
+        optim,
+        opt_state,
+        y,
+        input=x,
+        max_t1=500,
+        nudging="centred",
+        beta=beta,
+    )
+    assert bool(result["steady_state_reached"]) == all(flags)
+
+
+def _generative_problem():
+    model = jpc.make_mlp(jr.PRNGKey(3), 3, 5, 2, 4, "linear")
+    labels = jax.nn.one_hot(jnp.arange(6) % 3, 3)
+    images = jr.normal(jr.PRNGKey(4), (6, 4))
+    return model, labels, images
+
+
+@pytest.mark.parametrize("max_t1", [0.01, 500])
+def test_test_generative_pc_info_is_solve_inferences(max_t1):
+    """The info of `test_generative_pc` is that of `solve_inference` from the same
+    random start with only the data clamped; discrete inference gives `None`."""
+    model, labels, images = _generative_problem()
+    key, sizes = jr.PRNGKey(5), [3, 5, 4]
+    start = jpc.init_activities_from_normal(key, sizes, "unsupervised", 6, 0.05)
+    final, info = jpc.solve_inference(
+        (model, None), start, images, max_t1=max_t1, return_info=True
+    )
+    acc, _, got = jpc.test_generative_pc(
+        model, images, labels, key, sizes, 6, max_t1=max_t1, return_info=True
+    )
+    assert bool(got.steady_state_reached) == bool(info.steady_state_reached)
+    assert int(got.n_accepted_steps) == int(info.n_accepted_steps)
+    expected = 100 * np.mean(
+        np.argmax(np.asarray(final[0][-1]), 1) == np.argmax(np.asarray(labels), 1)
+    )
+    assert float(acc) == pytest.approx(expected)
+    assert len(jpc.test_generative_pc(model, images, labels, key, sizes, 6)) == 2
+    *_, none = jpc.test_generative_pc(
+        model,
+        images,
+        labels,
+        key,
+        sizes,
+        6,
+        activity_optim=optax.sgd(0.1),
+        n_inference_steps=2,
+        return_info=True,
+    )
+    assert none is None
+
+
+def test_hybrid_pc_flags_are_solve_inferences():
+    """`make_hpc_step` and `test_hpc` report the flags of the solves from the
+    amortised guesses (and, for `test_hpc`, from the random start), done by hand."""
+    generator, labels, images = _generative_problem()
+    amortiser = jpc.make_mlp(jr.PRNGKey(6), 4, 5, 2, 3, "linear")
+    amortised = jpc.init_activities_with_amort(amortiser, generator, images)
+    key, sizes = jr.PRNGKey(7), [3, 5, 4]
+    random = jpc.init_activities_from_normal(key, sizes, "unsupervised", 6, 0.05)
+    reference = {}
+    # Loose tolerances at max_t1 = 500, so that the stop fires there.
+    for max_t1, tol in ((0.01, None), (500, 0.1)):
+        stop = dict(max_t1=max_t1, steady_state_rtol=tol, steady_state_atol=tol)
+        for name, start in (("hybrid", amortised), ("random", random)):
+            _, info = jpc.solve_inference(
+                (generator, None), start, images, return_info=True, **stop
+            )
+            reference[name, max_t1] = bool(info.steady_state_reached)
+        *_, (hybrid, generative) = jpc.test_hpc(
+            generator,
+            amortiser,
+            images,
+            labels,
+            key,
+            sizes,
+            6,
+            return_info=True,
+            **stop,
+        )
+        assert bool(hybrid.steady_state_reached) == reference["hybrid", max_t1]
+        assert bool(generative.steady_state_reached) == reference["random", max_t1]
+        optim = optax.sgd(0.0)
+        states = (
+            optim.init((eqx.filter(generator, eqx.is_array), None)),
+            optim.init(eqx.filter(amortiser, eqx.is_array)),
+        )
+        step = jpc.make_hpc_step(
+            generator, amortiser, (optim, optim), states, images, **stop
+        )
+        assert bool(step["steady_state_reached"]) == reference["hybrid", max_t1]
+    assert reference["hybrid", 500] and not reference["hybrid", 0.01]

@@ -40,12 +40,11 @@ from .._checks import (
     check_sequence,
     traced_floats,
 )
-from .._eval import generative_accuracy, infer_energies
+from .._eval import generative_accuracy, generative_equilibrium, infer_energies
 from .._infer import (
     DEFAULT_STEADY_STATE_ATOL,
     DEFAULT_STEADY_STATE_RTOL,
     STOP_FLOATS,
-    solve,
     stop_options,
 )
 from .._layers import feedforward, layer_predictions, predict
@@ -75,6 +74,7 @@ class HPCStepResult(TypedDict):
     opt_states: tuple[optax.OptState, optax.OptState]
     activities: tuple[list[Array], list[Array]]
     t_max: Array | None
+    steady_state_reached: Array | None
     losses: tuple[Float[Array, ""] | None, Float[Array, ""]]
     energies: tuple[Array | None, Array | None]
 
@@ -321,6 +321,8 @@ def make_hpc_step(
         guesses (as [`jpc.init_activities_with_amort`][]) and the generator's
         inference output, with a leading time axis (length 1 unless recording).
     - `t_max`: the row of the final state when recording, else `None`.
+    - `steady_state_reached`: whether the ODE inference's steady-state stop fired
+        before `max_t1` (a boolean scalar); `None` with discrete inference.
     - `losses`: `(generator_loss, amortiser_loss)` before the updates:
         `mean((output - generator(input))²)` of the generator's feedforward
         prediction from `input` (`None` when `input` is `None`) and
@@ -361,7 +363,7 @@ def make_hpc_step(
     stop = stop_options(
         "make_hpc_step", max_steps, steady_state_rtol, steady_state_atol
     )
-    trajectory, final, t_max = infer(
+    trajectory, final, t_max, reached = infer(
         params,
         activities,
         output,
@@ -371,6 +373,7 @@ def make_hpc_step(
         record,
         GENERATOR_ENERGY,
         stop,
+        with_reached=True,
     )
     _, generator, _, _, generator_state = param_step(
         params,
@@ -414,6 +417,7 @@ def make_hpc_step(
         opt_states=(generator_state, amortiser_state),
         activities=(amort_activities, trajectory),
         t_max=t_max,
+        steady_state_reached=reached,
         losses=(generator_loss, amortiser_loss),
         energies=energies,
     )
@@ -438,6 +442,7 @@ def test_hpc(
     max_steps: int | None = None,
     steady_state_rtol: Scalar | None = DEFAULT_STEADY_STATE_RTOL,
     steady_state_atol: Scalar | None = DEFAULT_STEADY_STATE_ATOL,
+    return_info: bool = False,
 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""], Array]:
     """Evaluate a hybrid PC network: amortised, hybrid and generative inference.
 
@@ -450,6 +455,8 @@ def test_hpc(
     - `ode_solver`, `max_t1`, `dt`, `stepsize_controller`: inference ODE options.
     - `max_steps`, `steady_state_rtol`, `steady_state_atol`: solver step budget
         and the steady-state stop's tolerances (see [`jpc.solve_inference`][]).
+    - `return_info`: also return what happened during the two inferences (default
+        `False`).
 
     **Returns:**
 
@@ -457,27 +464,29 @@ def test_hpc(
     of the amortiser's feedforward guess of the prior; of $z_0$ inferred by the
     generator starting from the amortised activities; of $z_0$ inferred from random
     activities (as [`jpc.test_generative_pc`][]); and the generator's feedforward
-    prediction of the observation from the true labels.
+    prediction of the observation from the true labels. With `return_info=True`,
+    a fifth entry `(hybrid_info, generator_info)`: the [`jpc.InferenceInfo`][] of
+    the hybrid and of the generative solve (their `steady_state_reached` says
+    whether each stopped at a steady state before `max_t1`).
     """
     check_random_init(generator, output, layer_sizes, batch_size)
     amort_activities = _amortise_observation(amortiser, generator, output)
     check_batch(output, input, amort_activities, y_name="output", x_name="input")
     args = ((generator, None), output, None, "mse", "sp", 0.0, 0.0, 0.0)
     stop = stop_options("test_hpc", max_steps, steady_state_rtol, steady_state_atol)
-    equilibrium = solve(
-        args, amort_activities, ode_solver, max_t1, dt, stepsize_controller, **stop
-    )
     ode = (ode_solver, max_t1, dt, stepsize_controller)
-    generator_acc = generative_accuracy(
+    equilibrium, hybrid_info = generative_equilibrium(args, amort_activities, ode, stop)
+    generator_acc, generator_info = generative_accuracy(
         args, input, (key, layer_sizes, batch_size, sigma), ode, stop
     )
     output_predictions = feedforward(generator, input)[-1]
-    return (
+    result = (
         compute_accuracy(input, amort_activities[0]),
-        compute_accuracy(input, equilibrium[0][-1]),
+        compute_accuracy(input, equilibrium[0]),
         generator_acc,
         output_predictions,
     )
+    return (*result, (hybrid_info, generator_info)) if return_info else result
 
 
 test_hpc.__test__ = False  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ from .._checks import (
     check_option,
     traced_floats,
 )
-from .._energies import energy_options, layer_energies
+from .._energies import energy_options, layer_energies, make_energy_kwargs
 from .._jit import deferred_checks, error_if
 from .._train import (
     PCStepResult,
@@ -160,15 +160,15 @@ def make_ipc_step(
     check_inference_options(activity_optim, n_inference_steps)
     activity_optim = with_activity_lr(activity_optim, activity_lr)
     check_batch(output, input, [], y_name="output", x_name="input")
-    kw = dict(
-        loss_id=loss_id,
-        param_type=param_type,
-        weight_decay=weight_decay,
-        spectral_penalty=spectral_penalty,
-        activity_decay=activity_decay,
-        gamma=gamma,
-        output_energy_scaling=output_energy_scaling,
-        hidden_energy_scaling=hidden_energy_scaling,
+    kw = make_energy_kwargs(
+        loss_id,
+        param_type,
+        weight_decay,
+        spectral_penalty,
+        activity_decay,
+        gamma,
+        output_energy_scaling,
+        hidden_energy_scaling,
     )
     activities, prediction = initial_activities(
         model,

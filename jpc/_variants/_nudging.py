@@ -68,10 +68,10 @@ def nudged_param_step(
     """Nudged phases, the combined gradient and one optax update (not jitted).
 
     `run_inference(energy_kwargs)` runs inference from the initial activities and
-    returns `(trajectory, final, t_max)`. Returns `(first_phase, energy, model,
-    skip_model, grads, opt_state)`, where `first_phase` is `(trajectory, final,
-    t_max, output_energy_scaling)` of the first (`+β` for `"centred"`) phase and
-    `energy` sums the phases' energies.
+    returns a tuple whose second entry is the final state. Returns `(phases,
+    energy, model, skip_model, grads, opt_state)`, where `phases` lists, per phase
+    (the `+β` one first for `"centred"`), `(inference result,
+    output_energy_scaling)`, and `energy` sums the phases' energies.
     """
     # A traced `beta` (every non-zero Python float is passed traced) can only be
     # checked at run time: a zero would silently turn the update into inf/NaN.
@@ -83,11 +83,12 @@ def nudged_param_step(
     phase_kwargs = dict(energy_kwargs, weight_decay=0.0, spectral_penalty=0.0)
     phase_kwargs.pop("loss_id")
     signs = _SIGNS[nudging]
-    first_phase, grads, energy = None, None, 0.0
+    phases, grads, energy = [], None, 0.0
     for sign in signs:
         scaling = sign * beta * lam
         kwargs = dict(energy_kwargs, output_energy_scaling=scaling)
-        trajectory, final, t_max = run_inference(kwargs)
+        inferred = run_inference(kwargs)
+        final = inferred[1]
         phase_energy, phase_grads = _param_value_and_grad(
             tuple(params),
             final,
@@ -102,7 +103,7 @@ def nudged_param_step(
             phase_grads if grads is None else jtu.tree_map(jnp.add, grads, phase_grads)
         )
         energy = energy + phase_energy
-        first_phase = first_phase or (trajectory, final, t_max, scaling)
+        phases.append((inferred, scaling))
     reg = _regulariser_grads(
         params, energy_kwargs["weight_decay"], energy_kwargs["spectral_penalty"]
     )
@@ -110,4 +111,4 @@ def nudged_param_step(
     (model, skip_model), opt_state = optax_update(
         tuple(params), grads, optim, opt_state
     )
-    return first_phase, energy, model, skip_model, grads, opt_state
+    return phases, energy, model, skip_model, grads, opt_state
