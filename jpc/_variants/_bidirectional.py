@@ -7,18 +7,22 @@ below, the bottom-up model $g$ each activity from the one above. Entry $j$ of
 $z_{j+1} \to z_j$ (so entry 0 predicts $x$ from $z_1$ and the last entry predicts
 $z_H$ from $y$). The energy is
 
-$$\mathcal{F} = \frac{1}{B}\sum_i \sum_{j=0}^{H}\Big[\frac{\alpha_f}{2}
-\lVert z_{j+1,i} - a_{j+1} f_j(z_{j,i}) - s_j(z_{j,i})\rVert^2
-+ \frac{\alpha_b}{2}\lVert z_{j,i} - g_j(z_{j+1,i})
+$$\mathcal{F} = \frac{1}{B}\sum_i \sum_{j=0}^{H}\Big[\frac{\alpha_f
+\kappa_{j+1}}{2}\lVert z_{j+1,i} - a_{j+1} f_j(z_{j,i}) - s_j(z_{j,i})\rVert^2
++ \frac{\alpha_b \kappa_j}{2}\lVert z_{j,i} - g_j(z_{j+1,i})
 - \tilde s_j(z_{j+1,i})\rVert^2\Big],$$
 
 with $\tilde s_j = s_j$ for $1 \le j \le H - 1$ (each skip also acts downwards) and
-$0$ otherwise. The first sum is $\alpha_f$ times the standard PC energy of the
-top-down model; the second is $\alpha_b$ times the standard PC energy of the reversed
-bottom-up model (input $y$, target $x$, with the skips $\tilde s$), which is how it is
-computed here.
+$0$ otherwise. The layer precisions $\kappa_1, \dots, \kappa_H$ weight both
+prediction errors of hidden layer $l$ (the two clamped ends have $\kappa_0 =
+\kappa_{H+1} = 1$; all are 1 by default). The first sum is $\alpha_f$ times the
+standard PC energy of the top-down model with precisions $\kappa_l$; the second is
+$\alpha_b$ times the standard PC energy of the reversed bottom-up model (input $y$,
+target $x$, with the skips $\tilde s$ and the precisions in reverse order), which is
+how it is computed here.
 """
 
+from collections.abc import Sequence
 from typing import Any, TypedDict
 
 import equinox as eqx
@@ -35,7 +39,7 @@ from .._checks import (
     check_sequence,
     traced_floats,
 )
-from .._energies import layer_energies
+from .._energies import check_hidden_scaling, hidden_precisions, layer_energies
 from .._layers import predict
 from .._types import (
     Activities,
@@ -51,6 +55,7 @@ from ._common import check_optim, optax_update
 
 
 BPC_FLOATS = ("backward_energy_weight", "forward_energy_weight")
+_FLOATS = (*BPC_FLOATS, "hidden_energy_scaling")  # those of the bPC updates
 
 
 class BPCActivityUpdate(TypedDict):
@@ -119,9 +124,10 @@ def bottom_up_skips(skip_model, n_layers: int) -> list | None:
 
 
 def _backward_energies(
-    bottom_up_model, activities, y, x, param_type, skip_model=None
+    bottom_up_model, activities, y, x, param_type, skip_model=None, kappa=None
 ) -> list:
-    """Bottom-up energies in `bottom_up_model` order (entry 0 first)."""
+    """Bottom-up energies in `bottom_up_model` order (entry 0 first); `kappa`
+    is `hidden_energy_scaling` in the top-down (layer) order."""
     bottom = x if x is not None else activities[0]
     hidden = activities[:-1] if x is not None else activities[1:-1]
     reversed_model = list(bottom_up_model)[::-1]
@@ -130,6 +136,8 @@ def _backward_energies(
     # The reversed model runs y -> z_H -> ... -> z_1 -> bottom; its last activity
     # slot is never read, so `bottom` fills it.
     reversed_activities = [*hidden[::-1], bottom]
+    if kappa is not None:  # hidden layer l is term H - l of the reversed model
+        kappa = hidden_precisions(kappa, len(hidden))[::-1]
     _check_first_bottom_up_layer(reversed_model[0], y, len(reversed_model) - 1)
     try:
         energies = layer_energies(
@@ -139,6 +147,7 @@ def _backward_energies(
             y,
             "mse",
             param_type,
+            hidden_energy_scaling=kappa,
         )
     except ValueError as err:
         raise ValueError(
@@ -159,6 +168,7 @@ def bpc_energy_fn(
     record_layers: bool = False,
     backward_energy_weight: Scalar = 1.0,
     forward_energy_weight: Scalar = 1.0,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> Float[Array, ""] | Float[Array, "2 layers"]:
     r"""Batch-mean bidirectional PC energy.
 
@@ -187,6 +197,13 @@ def bpc_energy_fn(
         (`x` for the top-down, `y` for the bottom-up model).
     - `record_layers`: return the weighted per-layer energies instead of the sum.
     - `backward_energy_weight`, `forward_energy_weight`: $\alpha_b$, $\alpha_f$.
+    - `hidden_energy_scaling`: layer precisions $\kappa_l$ of the hidden layers
+        $z_1, \dots, z_H$, each weighting both the top-down and the bottom-up
+        error of its layer: `None` (every $\kappa_l = 1$), one number for every
+        hidden layer, or one value per hidden layer (a sequence or array of
+        length `H`, bottom to top), as for [`jpc.pc_energy_fn`][]; traced. With
+        `backward_energy_weight=0` the energy is $\alpha_f$ times that of
+        [`jpc.pc_energy_fn`][] for the top-down model with the same $\kappa_l$.
 
     **Returns:**
 
@@ -199,16 +216,32 @@ def bpc_energy_fn(
     **Raises:**
 
     `ValueError` for an unknown `param_type`, models of different lengths, a wrong
-    number of activities, or batch and feature sizes that do not fit.
+    number of activities, batch and feature sizes that do not fit, or a
+    `hidden_energy_scaling` of the wrong length or with a value that is not
+    finite and positive; `TypeError` for a `hidden_energy_scaling` that is not a
+    number or a sequence of numbers.
     """
     check_option("param_type", param_type, PARAM_TYPES)
     _check_bpc_inputs(top_down_model, bottom_up_model, activities, y, x, skip_model)
+    check_hidden_scaling(hidden_energy_scaling, top_down_model)
     activities = with_output_slot(top_down_model, activities, y, x)
     forward = layer_energies(
-        (top_down_model, skip_model), activities, y, x, "mse", param_type
+        (top_down_model, skip_model),
+        activities,
+        y,
+        x,
+        "mse",
+        param_type,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     backward = _backward_energies(
-        bottom_up_model, activities, y, x, param_type, skip_model
+        bottom_up_model,
+        activities,
+        y,
+        x,
+        param_type,
+        skip_model,
+        hidden_energy_scaling,
     )
     if record_layers:
         forward = [forward_energy_weight * e for e in forward]
@@ -231,6 +264,7 @@ def compute_bpc_activity_grad(
     param_type: ParamType = "sp",
     backward_energy_weight: Scalar = 1.0,
     forward_energy_weight: Scalar = 1.0,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[Float[Array, ""], list[Array]]:
     """Energy and its gradient with respect to the activities.
 
@@ -251,6 +285,7 @@ def compute_bpc_activity_grad(
         param_type=param_type,
         backward_energy_weight=backward_energy_weight,
         forward_energy_weight=forward_energy_weight,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
 
 
@@ -272,6 +307,7 @@ def compute_bpc_param_grads(
     param_type: ParamType = "sp",
     backward_energy_weight: Scalar = 1.0,
     forward_energy_weight: Scalar = 1.0,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[PyTree, PyTree]:
     """Gradients of the bPC energy with respect to both models' parameters.
 
@@ -292,10 +328,11 @@ def compute_bpc_param_grads(
         param_type=param_type,
         backward_energy_weight=backward_energy_weight,
         forward_energy_weight=forward_energy_weight,
+        hidden_energy_scaling=hidden_energy_scaling,
     )[1]
 
 
-@traced_floats(*BPC_FLOATS)
+@traced_floats(*_FLOATS)
 def update_bpc_activities(
     top_down_model: Model,
     bottom_up_model: Model,
@@ -309,13 +346,15 @@ def update_bpc_activities(
     param_type: ParamType = "sp",
     backward_energy_weight: Scalar = 1.0,
     forward_energy_weight: Scalar = 1.0,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> BPCActivityUpdate:
     """One optax step of bPC inference on the activities.
 
     **Arguments:**
 
     - `top_down_model`, `bottom_up_model`, `activities`, `skip_model`,
-        `param_type`, the weights: as for [`jpc.bpc_energy_fn`][].
+        `param_type`, the weights, `hidden_energy_scaling`: as for
+        [`jpc.bpc_energy_fn`][].
     - `optim`, `opt_state`: optimiser and its state, `optim.init(activities)`.
     - `output`, `input`: the clamps `y` and `x`.
 
@@ -335,6 +374,7 @@ def update_bpc_activities(
         param_type=param_type,
         backward_energy_weight=backward_energy_weight,
         forward_energy_weight=forward_energy_weight,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     activities, opt_state = optax_update(list(activities), grads, optim, opt_state)
     return BPCActivityUpdate(
@@ -342,7 +382,7 @@ def update_bpc_activities(
     )
 
 
-@traced_floats(*BPC_FLOATS)
+@traced_floats(*_FLOATS)
 def update_bpc_params(
     top_down_model: Model,
     bottom_up_model: Model,
@@ -358,13 +398,15 @@ def update_bpc_params(
     param_type: ParamType = "sp",
     backward_energy_weight: Scalar = 1.0,
     forward_energy_weight: Scalar = 1.0,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> BPCParamUpdate:
     """One optax step on both models at the given (inferred) activities.
 
     **Arguments:**
 
     - `top_down_model`, `bottom_up_model`, `activities`, `skip_model`,
-        `param_type`, the weights: as for [`jpc.bpc_energy_fn`][].
+        `param_type`, the weights, `hidden_energy_scaling`: as for
+        [`jpc.bpc_energy_fn`][].
     - `top_down_optim`, `bottom_up_optim`: the two optimisers.
     - `top_down_opt_state`, `bottom_up_opt_state`: their states, each
         `optim.init(eqx.filter(that_model, eqx.is_array))`.
@@ -400,6 +442,7 @@ def update_bpc_params(
         param_type=param_type,
         backward_energy_weight=backward_energy_weight,
         forward_energy_weight=forward_energy_weight,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     models, states = zip(
         *(

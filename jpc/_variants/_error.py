@@ -6,11 +6,13 @@ activities: a forward pass adds $\varepsilon_l$ to each hidden layer's predictio
 $$z_l = a_l f_l(z_{l-1}) + s_l(z_{l-1}) + \varepsilon_l \quad (l < L), \qquad
 \hat y = a_L f_L(z_{L-1}) + s_L(z_{L-1}),$$
 
-and the energy is $\frac{1}{B}\sum_i\big[\sum_{l<L}\frac12\lVert\varepsilon_{l,i}
-\rVert^2 + \lambda\,\ell(\hat y_i, y_i)\big]$. The output has no free error, so the
-energy cannot collapse to zero (the JPC library's ePC leaves it free): the map
-$\varepsilon \mapsto z$ is a bijection onto the activities of standard PC, under
-which the two energies agree, so both reach the same equilibrium energy.
+and the energy is $\frac{1}{B}\sum_i\big[\sum_{l<L}\frac{\kappa_l}{2}\lVert
+\varepsilon_{l,i}\rVert^2 + \lambda\,\ell(\hat y_i, y_i)\big]$, with the hidden
+precisions $\kappa_l$ and output precision $\lambda$ of standard PC (all 1 by
+default). The output has no free error, so the energy cannot collapse to zero (the
+JPC library's ePC leaves it free): the map $\varepsilon \mapsto z$ is a bijection
+onto the activities of standard PC, under which the two energies agree, so both
+reach the same equilibrium energy.
 """
 
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from .._checks import (
     check_sequence,
     traced_floats,
 )
+from .._energies import check_hidden_scaling, hidden_precisions
 from .._init import _as_shape
 from .._layers import check_output, get_param_scalings, predict, skip_at
 from .._present import keyword_hints
@@ -40,7 +43,7 @@ from .._utils import LOSS_FNS
 from ._common import optax_update
 
 
-EPC_FLOATS = ("gamma", "output_energy_scaling")
+EPC_FLOATS = ("gamma", "output_energy_scaling", "hidden_energy_scaling")
 
 
 class ErrorUpdate(TypedDict):
@@ -165,15 +168,18 @@ def epc_energy_fn(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> Float[Array, ""]:
     r"""Batch-mean ePC energy.
 
-    $$\mathcal{F}(\varepsilon) = \frac{1}{B}\sum_i\Big[\sum_{l<L}\frac12
+    $$\mathcal{F}(\varepsilon) = \frac{1}{B}\sum_i\Big[\sum_{l<L}\frac{\kappa_l}{2}
     \lVert\varepsilon_{l,i}\rVert^2 + \lambda\,\ell(\hat y_i(\varepsilon), y_i)\Big],$$
 
     where $\hat y(\varepsilon)$ is the output of the forward pass that adds
     $\varepsilon_l$ to hidden layer $l$. At $\varepsilon = 0$ this is the loss of
-    the feedforward pass.
+    the feedforward pass. At the errors of the activities $z$ of standard PC
+    ($\varepsilon_l$ = the prediction error of $z_l$) it equals
+    [`jpc.pc_energy_fn`][] with the same $\lambda$ and $\kappa_l$.
 
     **Arguments:**
 
@@ -186,6 +192,10 @@ def epc_energy_fn(
     - `loss`: `"mse"` or `"ce"` output term $\ell$.
     - `param_type`, `gamma`: parameterisation (see [`jpc.get_param_scalings`][]).
     - `output_energy_scaling`: output precision $\lambda$ (default 1).
+    - `hidden_energy_scaling`: hidden precisions $\kappa_l$: `None` (every
+        $\kappa_l = 1$), one number for every hidden error, or one value per
+        hidden error (a sequence or array of length `L - 1`, layer order), as for
+        [`jpc.pc_energy_fn`][]. Traced: a new value does not recompile.
 
     **Returns:**
 
@@ -193,14 +203,18 @@ def epc_energy_fn(
 
     **Raises:**
 
-    `ValueError` for an unknown `loss`/`param_type`, a wrong number of errors, or
-    batch or feature sizes that do not fit the model.
+    `ValueError` for an unknown `loss`/`param_type`, a wrong number of errors,
+    batch or feature sizes that do not fit the model, or a
+    `hidden_energy_scaling` of the wrong length or with a value that is not
+    finite and positive; `TypeError` for a `hidden_energy_scaling` that is not a
+    number or a sequence of numbers.
     """
     check_option("loss", loss, LOSSES)
     check_option("param_type", param_type, PARAM_TYPES)
     _check_params(params)
     model, skip_model = params
     check_model(model, skip_model)
+    check_hidden_scaling(hidden_energy_scaling, model)
     z0, hidden, name = _split_errors(model, errors, x)
     check_batch(y, x, [])
     for i, e in enumerate(errors):
@@ -217,8 +231,10 @@ def epc_energy_fn(
     output_energy = LOSS_FNS[loss](prediction, y)
     if output_energy_scaling is not None:
         output_energy = output_energy_scaling * output_energy
-    error_energy = sum(0.5 * jnp.sum(e**2) for e in hidden) / y.shape[0]
-    return error_energy + output_energy
+    kappas = hidden_precisions(hidden_energy_scaling, len(hidden))
+    squares = [0.5 * jnp.sum(e**2) for e in hidden]
+    weighted = [sq if k is None else k * sq for sq, k in zip(squares, kappas)]
+    return sum(weighted) / y.shape[0] + output_energy
 
 
 @keyword_hints
@@ -232,6 +248,7 @@ def compute_epc_error_grad(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[Float[Array, ""], list[Array]]:
     """Energy and its gradient with respect to the errors.
 
@@ -252,6 +269,7 @@ def compute_epc_error_grad(
         param_type=param_type,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
 
 
@@ -272,6 +290,7 @@ def compute_epc_param_grads(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> tuple[PyTree, PyTree]:
     """Gradient of the ePC energy with respect to `(model, skip_model)`.
 
@@ -291,6 +310,7 @@ def compute_epc_param_grads(
         param_type=param_type,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )[1]
 
 
@@ -307,6 +327,7 @@ def update_epc_errors(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> ErrorUpdate:
     """One optax step of ePC inference on the errors.
 
@@ -315,7 +336,9 @@ def update_epc_errors(
     - `params`, `errors`: as for [`jpc.epc_energy_fn`][].
     - `optim`, `opt_state`: optimiser and its state, `optim.init(errors)`.
     - `output`, `input`: the clamps `y` and `x`.
-    - `loss_id`, `param_type`, `gamma`, `output_energy_scaling`: energy options.
+    - `loss_id`, `param_type`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: energy options (see [`jpc.epc_energy_fn`][];
+        floats traced).
 
     **Returns:**
 
@@ -333,6 +356,7 @@ def update_epc_errors(
         param_type=param_type,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     errors, opt_state = optax_update(list(errors), grads, optim, opt_state)
     return ErrorUpdate(energy=energy, errors=errors, grads=grads, opt_state=opt_state)
@@ -351,6 +375,7 @@ def update_epc_params(
     param_type: ParamType = "sp",
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> EPCParamUpdate:
     """One optax step on `(model, skip_model)` at the given (inferred) errors.
 
@@ -361,7 +386,9 @@ def update_epc_params(
         [`jpc.make_pc_step`][]: `optim.init((eqx.filter(model, eqx.is_array),
         skip_model))`.
     - `output`, `input`: the clamps `y` and `x`.
-    - `loss_id`, `param_type`, `gamma`, `output_energy_scaling`: energy options.
+    - `loss_id`, `param_type`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: energy options (see [`jpc.epc_energy_fn`][];
+        floats traced).
 
     **Returns:**
 
@@ -379,6 +406,7 @@ def update_epc_params(
         param_type=param_type,
         gamma=gamma,
         output_energy_scaling=output_energy_scaling,
+        hidden_energy_scaling=hidden_energy_scaling,
     )
     (model, skip_model), opt_state = optax_update(
         tuple(params), grads, optim, opt_state

@@ -39,6 +39,7 @@ from .._energies import (
     energy_options,
     hidden_precisions,
     layer_energies,
+    make_energy_kwargs,
     record_order,
 )
 from .._grads import _param_value_and_grad, compute_pc_activity_grad
@@ -208,6 +209,7 @@ def make_mcpc_step(
     record_activities: bool = False,
     gamma: Scalar | None = None,
     output_energy_scaling: Scalar | None = None,
+    hidden_energy_scaling: Scalar | Sequence[float] | None = None,
 ) -> MCPCStepResult:
     r"""One Monte Carlo PC training step (Oliviers, Bogacz & Meulemans, 2024).
 
@@ -244,8 +246,12 @@ def make_mcpc_step(
     - `noise_scale`: $s \ge 0$ (default `1.0`, traced); `0` gives deterministic
         inference, other values sample $\exp(-B\mathcal{F}/s^2)$.
     - `loss_id`, `param_type`, `weight_decay`, `spectral_penalty`,
-        `activity_decay`, `gamma`, `output_energy_scaling`: energy options (see
-        [`jpc.pc_energy_fn`][]; floats traced).
+        `activity_decay`, `gamma`, `output_energy_scaling`,
+        `hidden_energy_scaling`: energy options (see [`jpc.pc_energy_fn`][];
+        floats, and lists of floats, traced). The hidden precisions $\kappa_l$
+        weight the hidden terms of $\mathcal{F}$, so the chains sample the
+        generative model whose hidden layers have variance $1/\kappa_l$ (as
+        [`jpc.sample_generative_pc`][] draws from).
     - `layer_sizes`, `batch_size`, `sigma`: unsupervised initialisation.
     - `record_activities`: return the whole chain.
 
@@ -273,19 +279,21 @@ def make_mcpc_step(
     """
     check_option("loss_id", loss_id, LOSSES)
     check_model(model, skip_model)
+    check_hidden_scaling(hidden_energy_scaling, model)
     check_opt_state(optim, opt_state, (model, skip_model))
     check_batch(output, input, [], y_name="output", x_name="input")
     if n_burn_in is None:
         n_burn_in = n_inference_steps // 2
     params = (model, skip_model)
-    kw = dict(
-        loss_id=loss_id,
-        param_type=param_type,
-        weight_decay=weight_decay,
-        spectral_penalty=spectral_penalty,
-        activity_decay=activity_decay,
-        gamma=gamma,
-        output_energy_scaling=output_energy_scaling,
+    kw = make_energy_kwargs(
+        loss_id,
+        param_type,
+        weight_decay,
+        spectral_penalty,
+        activity_decay,
+        gamma,
+        output_energy_scaling,
+        hidden_energy_scaling,
     )
     init_key, noise_key = jr.split(key) if input is None else (None, key)
     random = (init_key, layer_sizes, batch_size, sigma)
