@@ -221,12 +221,19 @@ def test_generative_pc(
 
         The energy is a batch mean, so each example's activity gradient scales as
         $1/B$ for a batch of $B$ examples, and the ODE path needs `max_t1`
-        proportional to $B$: the default `max_t1=500` suits batches of about 25
-        (`max_t1` = 20 per example). Discrete inference has a fixed cost
-        whatever the batch size: `activity_optim=jpc.per_example(optax.sgd(0.1))`
-        with `n_inference_steps=100` is the setting to start from; a per-example
-        step much above 0.1 can make this inference unstable.
-        See the generative networks section of the basic usage page.
+        proportional to $B$. Discrete inference has a fixed cost whatever the
+        batch size: `activity_optim=jpc.per_example(optax.sgd(0.1))` with
+        `n_inference_steps=100` is the setting to start from. On 1000 MNIST test
+        images (a 10-256-256-784 tanh generator trained for 200 steps, batches of
+        100, a shared 2-core CPU) it classified 81.9% in 2.0 s, against 82.8% in
+        24 s for the ODE at `max_t1` = 20 per example and 80.4% in 8 s at the
+        default `max_t1=500`; a step of 0.2 diverged (13%). The stable
+        per-example step lies below about $2/\|W_L\|_2^2$, $W_L$ the output
+        weights, and shrinks as training grows them: after 1500 training steps
+        ($\|W_L\|_2$ = 7.3 instead of 3.5) a step of 0.1 gave 25%, and the best
+        setting measured, 0.03 for 1000 steps, 55%. See
+        `python -m experiments.generative_mnist` and the generative networks
+        section of the basic usage page.
 
     !!! note "Implicit solvers and memory"
 
