@@ -21,6 +21,7 @@ from ._checks import (
     check_shape,
     flatten_hint,
 )
+from ._stacked import find_runs, scan_feedforward, scan_predictions
 from ._types import Activities, Array, Float, Layer, Model, ParamType, SkipModel
 
 
@@ -278,13 +279,49 @@ def layer_inputs(
     return [x, *hidden], ["x", *names]
 
 
+def _by_runs(model: Model, skip_model: SkipModel, scalings: list, one, run):
+    """Outputs of every layer, applied one by one or a run of identical ones at once.
+
+    `one(i, layer, skip, outputs)` gives layer `i`'s output (`outputs` holds those
+    of the layers before it); `run(start, stop, layers, skips, scales, outputs)`
+    gives those of layers `start..stop-1` as one scan (see `jpc._stacked`), or
+    `None` to apply them one by one.
+    """
+    n_layers = len(model)
+    layers = [model[i] for i in range(n_layers)]
+    skips = [skip_at(skip_model, i) for i in range(n_layers)]
+    runs = find_runs(layers, skips, scalings)
+    outputs: list[Array] = []
+    i = 0
+    while i < n_layers:
+        stop = runs.get(i)
+        if stop is not None:
+            group = (layers[i:stop], skips[i:stop], scalings[i:stop])
+            outs = run(i, stop, *group, outputs)
+            if outs is not None:
+                outputs.extend(outs)
+                i = stop
+                continue
+        outputs.append(one(i, layers[i], skips[i], outputs))
+        i += 1
+    return outputs
+
+
 def layer_predictions(
     model: Model, skip_model: SkipModel, scalings: list, inputs: list, names: list
 ) -> list[Array]:
-    return [
-        predict(layer, skip_at(skip_model, i), scalings[i], z, name)
-        for i, (layer, z, name) in enumerate(zip(model, inputs, names))
-    ]
+    """Each layer's prediction `scale * layer(z) + skip(z)` from its own input.
+
+    Runs of identical layers are applied as one scan (see `jpc._stacked`).
+    """
+
+    def one(i, layer, skip, _):
+        return predict(layer, skip, scalings[i], inputs[i], names[i])
+
+    def run(start, stop, layers, skips, scales, _):
+        return scan_predictions(predict, layers, skips, scales, inputs[start:stop])
+
+    return _by_runs(model, skip_model, scalings, one, run)
 
 
 def feedforward(
@@ -294,15 +331,23 @@ def feedforward(
     scalings: list | None = None,
     name: str = "input",
 ) -> list[Array]:
-    """Activities of a feedforward pass from `x`: `[z_1, ..., z_L]`."""
+    """Activities of a feedforward pass from `x`: `[z_1, ..., z_L]`.
+
+    Runs of identical layers are applied as one scan (see `jpc._stacked`).
+    """
     scalings = [1.0] * len(model) if scalings is None else scalings
-    activities = []
-    z = x
-    for i, layer in enumerate(model):
-        z = predict(layer, skip_at(skip_model, i), scalings[i], z, name)
-        activities.append(z)
-        name = f"the output of model[{i}]"
-    return activities
+
+    def one(i, layer, skip, outputs):
+        if i == 0:
+            return predict(layer, skip, scalings[i], x, name)
+        z_name = f"the output of model[{i - 1}]"
+        return predict(layer, skip, scalings[i], outputs[-1], z_name)
+
+    def run(start, stop, layers, skips, scales, outputs):
+        z = x if start == 0 else outputs[-1]
+        return scan_feedforward(predict, layers, skips, scales, z)
+
+    return _by_runs(model, skip_model, scalings, one, run)
 
 
 def check_output(y: Array, prediction: Array, y_name: str = "y") -> None:
