@@ -14,6 +14,7 @@ from ._checks import (
     check_model,
     check_option,
     check_shape,
+    traced_floats,
 )
 from ._layers import (
     check_output,
@@ -24,9 +25,20 @@ from ._layers import (
     skip_at,
     weight_matrices,
 )
-from ._present import keyword_hints
 from ._types import Activities, Array, Float, LossId, Params, ParamType, Scalar
 from ._utils import LOSS_FNS
+
+
+# Keyword options of the energy passed traced to its compiled entry points (a new
+# value does not recompile).
+ENERGY_FLOATS = (
+    "weight_decay",
+    "spectral_penalty",
+    "activity_decay",
+    "gamma",
+    "output_energy_scaling",
+    "hidden_energy_scaling",
+)
 
 
 def _is_zero(value: Any) -> bool:
@@ -276,7 +288,7 @@ def record_order(energies: list) -> list:
     return [energies[-1], *energies[1:-1], energies[0]]
 
 
-@keyword_hints
+@traced_floats(*ENERGY_FLOATS)
 def pc_energy_fn(
     params: Params,
     activities: Activities,

@@ -8,15 +8,15 @@ import jax
 import jax.tree_util as jtu
 from diffrax import AbstractStepSizeController
 
-from ._energies import check_energy_inputs, pc_energy_fn
-from ._present import keyword_hints
+from ._checks import traced_floats
+from ._energies import ENERGY_FLOATS, check_energy_inputs, pc_energy_fn
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
 
 
 _NAMES = ("loss_id", "y", "x")  # argument names used in error messages
 
 
-@keyword_hints
+@traced_floats(*ENERGY_FLOATS)
 def compute_pc_activity_grad(
     params: Params,
     activities: Activities,
@@ -62,7 +62,7 @@ def compute_pc_activity_grad(
     )
 
 
-@keyword_hints
+@traced_floats(*ENERGY_FLOATS)
 def compute_pc_param_grads(
     params: Params,
     activities: Activities,

@@ -171,6 +171,7 @@ def rescaling_and_product(
     return rescaling, product @ maps[0]
 
 
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def compute_linear_equilib_rescaling(
     params: Params,
     x: Float[Array, "batch d_in"],
@@ -217,6 +218,7 @@ def compute_linear_equilib_rescaling(
     return rescaling_and_product(maps, precision(output_energy_scaling), kappas)[0]
 
 
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def linear_equilib_energy(
     params: Params,
     x: Float[Array, "batch d_in"],
@@ -271,6 +273,7 @@ def linear_equilib_energy(
 # ------------------------------------------------------------------ training
 
 
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def compute_linear_equilib_energy_grads(
     params: Params,
     x: Float[Array, "batch d_in"],

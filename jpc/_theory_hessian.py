@@ -11,7 +11,7 @@ from typing import Any
 import equinox as eqx
 import jax.numpy as jnp
 
-from ._checks import check_sequence
+from ._checks import check_sequence, traced_floats
 from ._layers import get_param_scalings
 from ._theory import (
     check_data,
@@ -98,6 +98,7 @@ def _check_depth(maps: list, name: str) -> None:
         )
 
 
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def compute_linear_activity_hessian(
     Ws: list[Float[Array, "out in"]],
     *,
@@ -164,6 +165,7 @@ def _hidden_rhs(maps: list, x: Array, y: Array, lam: Any, kappa_1: Any) -> Array
     return jnp.concatenate(parts, axis=1)
 
 
+@traced_floats("gamma", "output_energy_scaling", "hidden_energy_scaling")
 def compute_linear_activity_solution(
     model: Model,
     x: Float[Array, "batch d_in"],

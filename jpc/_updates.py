@@ -9,20 +9,12 @@ import jax.tree_util as jtu
 import optax
 
 from ._checks import check_opt_state, traced_floats
-from ._energies import check_energy_inputs
+from ._energies import ENERGY_FLOATS, check_energy_inputs
 from ._grads import _param_value_and_grad, compute_pc_activity_grad
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
 
 
 NAMES = ("loss_id", "output", "input")  # argument names used in error messages
-ENERGY_FLOATS = (
-    "weight_decay",
-    "spectral_penalty",
-    "activity_decay",
-    "gamma",
-    "output_energy_scaling",
-    "hidden_energy_scaling",
-)
 
 
 class ActivityUpdate(TypedDict):

@@ -156,6 +156,7 @@ def _backward_energies(
     return energies[::-1]
 
 
+@traced_floats(*_FLOATS)
 def bpc_energy_fn(
     top_down_model: Model,
     bottom_up_model: Model,
@@ -253,6 +254,7 @@ def bpc_energy_fn(
     return forward_energy_weight * sum(forward) + backward_energy_weight * sum(backward)
 
 
+@traced_floats(*_FLOATS)
 def compute_bpc_activity_grad(
     top_down_model: Model,
     bottom_up_model: Model,
@@ -296,6 +298,7 @@ def _models_value_and_grad(top_down_model, bottom_up_model, activities, y, **kwa
     return eqx.filter_value_and_grad(energy)((top_down_model, bottom_up_model))
 
 
+@traced_floats(*_FLOATS)
 def compute_bpc_param_grads(
     top_down_model: Model,
     bottom_up_model: Model,

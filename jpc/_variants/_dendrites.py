@@ -237,6 +237,7 @@ def _options(**kwargs) -> dict:
     return kwargs
 
 
+@traced_floats(*PDM_FLOATS)
 def pdm_energy_fn(
     top_down_model: Model,
     bottom_up_model: Model,
@@ -344,6 +345,7 @@ def _local_grads(top_down_model, bottom_up_model, activities, y, x, opts):
     return grads
 
 
+@traced_floats(*PDM_FLOATS)
 def compute_pdm_activity_grad(
     top_down_model: Model,
     bottom_up_model: Model,
@@ -426,6 +428,7 @@ def _param_grads(top_down_model, bottom_up_model, activities, y, x, opts, extra)
     return eqx.filter_grad(energy)(trees)
 
 
+@traced_floats(*PDM_FLOATS)
 def compute_pdm_param_grads(
     top_down_model: Model,
     bottom_up_model: Model,

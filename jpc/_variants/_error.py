@@ -37,7 +37,6 @@ from .._checks import (
 from .._energies import check_hidden_scaling, hidden_precisions
 from .._init import _as_shape
 from .._layers import check_output, get_param_scalings, predict, skip_at
-from .._present import keyword_hints
 from .._types import Array, Float, LossId, Mode, Params, ParamType, PyTree, Scalar
 from .._utils import LOSS_FNS
 from ._common import optax_update
@@ -157,7 +156,7 @@ def perturbed_forward(model, skip_model, scalings, z0, errors, name) -> Array:
     return z
 
 
-@keyword_hints
+@traced_floats(*EPC_FLOATS)
 def epc_energy_fn(
     params: Params,
     errors: Sequence[Float[Array, "batch ..."]],
@@ -237,7 +236,7 @@ def epc_energy_fn(
     return sum(weighted) / y.shape[0] + output_energy
 
 
-@keyword_hints
+@traced_floats(*EPC_FLOATS)
 def compute_epc_error_grad(
     params: Params,
     errors: Sequence[Float[Array, "batch ..."]],
@@ -279,7 +278,7 @@ def _param_value_and_grad(params, errors, y, **kwargs):
     )
 
 
-@keyword_hints
+@traced_floats(*EPC_FLOATS)
 def compute_epc_param_grads(
     params: Params,
     errors: Sequence[Float[Array, "batch ..."]],

@@ -89,6 +89,7 @@ def _check_pair_of_models(amortiser, generator) -> None:
         )
 
 
+@traced_floats()
 def init_activities_with_amort(
     amortiser: Model,
     generator: Model,
@@ -191,6 +192,7 @@ def _amortiser_layer_energies(model, equilib_activities, amort_activities, x, y)
     return energies
 
 
+@traced_floats()
 def hpc_energy_fn(
     model: Model,
     equilib_activities: Activities,
@@ -239,6 +241,7 @@ def hpc_energy_fn(
     return jnp.stack(energies) if record_layers else sum(energies)
 
 
+@traced_floats()
 def compute_hpc_param_grads(
     model: Model,
     equilib_activities: Activities,
