@@ -222,8 +222,11 @@ def _message(caller: str, entries: np.ndarray, kind: str) -> str:
         "moves each example by only lr / batch size times its error); more "
         "inference steps (`n_inference_steps`, or a longer `max_t1`); layer "
         "precisions (`hidden_energy_scaling`); or error-based PC "
-        "(`jpc.update_epc_errors`), which moves every layer from the first step. "
-        "This warning is shown once per process."
+        "(`jpc.update_epc_errors`), which moves every layer from the first step "
+        "(in residual networks of 64 and 128 layers it reached every layer with "
+        "T = L steps, where standard inference needed 64 L steps at 64 layers and "
+        "left the lowest quarter of 128 behind; see the diagnostics page of the "
+        "documentation). This warning is shown once per process."
     )
 
 
