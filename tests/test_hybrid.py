@@ -188,6 +188,7 @@ def test_make_hpc_step_equals_hand_loop(key, supervised):
         "opt_states",
         "activities",
         "t_max",
+        "steady_state_reached",
         "losses",
         "energies",
     }

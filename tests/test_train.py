@@ -36,6 +36,7 @@ KEYS = (
     "acc",
     "activities",
     "t_max",
+    "steady_state_reached",
     "energies",
     "activity_norms",
     "model_param_norms",
