@@ -372,20 +372,13 @@ def epc_layer_evidence(params, x, y, *, error_optim, layer_sizes, n_steps):
         jpc.compute_epc_param_grads(params, e, y, x=x, param_type="mupc")[0]
         for e in (errors, zeros)
     ]
-    ratios, cosines = [], []
-    for pc, bp in zip(*grads):
-        pc, bp = (
-            jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(g)])
-            for g in (pc, bp)
-        )
-        if pc.size == 0:
-            continue
-        pc_norm, bp_norm = jnp.linalg.norm(pc), jnp.linalg.norm(bp)
-        ratios.append(pc_norm / bp_norm)
-        cosines.append(
-            jnp.where(pc_norm * bp_norm > 0, pc @ bp / (pc_norm * bp_norm), jnp.nan)
-        )
-    return jnp.stack(ratios), jnp.stack(cosines)
+    ratios = [
+        jnp.sqrt(sum(jnp.sum(a**2) for a in jax.tree.leaves(pc)))
+        / jnp.sqrt(sum(jnp.sum(b**2) for b in jax.tree.leaves(bp)))
+        for pc, bp in zip(*grads)
+    ]
+    cosines = jpc.compute_grad_cosine_similarity(*grads)["per_layer"]
+    return jnp.stack(ratios), jnp.asarray(cosines)
 
 
 # ----------------------------------------------------------------------- training

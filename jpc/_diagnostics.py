@@ -266,7 +266,7 @@ def _inferred_state(params, x, y, energy_kwargs, inference):
         model, skip_model, y, x, kw["param_type"], kw["gamma"], (None,) * 4
     )
     ode, discrete, stop = inference
-    _, final, _ = infer(params, start, y, x, ode, discrete, False, kw, stop)
+    final = infer(params, start, y, x, ode, discrete, False, kw, stop)[1]
     return start, final
 
 

@@ -172,15 +172,14 @@ def infer(
     record,
     energy_kwargs,
     stop=None,
-    with_reached=False,
 ):
-    """Inference on either path; returns `(trajectory, final, t_max)`.
+    """Inference on either path; returns `(trajectory, final, t_max, reached)`.
 
     `ode` is `(solver, max_t1, dt, controller, record_every)`; `discrete` is
     `(optim, n_steps)` or `None`; `stop` holds keyword options of `solve` (the
     steady-state tolerances, `max_steps` and the caller's name). The trajectory has
-    a leading time axis. With `with_reached`, also returns whether the steady-state
-    stop fired (a boolean scalar on the ODE path, `None` on the discrete path).
+    a leading time axis; `reached` is whether the steady-state stop fired (a
+    boolean scalar on the ODE path, `None` on the discrete path).
     """
     if discrete is not None:
         optim, n_steps = discrete
@@ -188,10 +187,8 @@ def infer(
             params, activities, optim, n_steps, output, input, record, **energy_kwargs
         )
         if not record:
-            result = [z[None] for z in final], final, None
-        else:
-            result = trajectory, final, jnp.asarray(n_steps - 1)
-        return (*result, None) if with_reached else result
+            return [z[None] for z in final], final, None, None
+        return trajectory, final, jnp.asarray(n_steps - 1), None
     solver, max_t1, dt, controller, record_every = ode
     args = vector_field_args(params, output, input, **energy_kwargs)
     trajectory, info = solve(
@@ -206,14 +203,12 @@ def infer(
         return_info=True,
         **(stop or {}),
     )
+    reached = info.steady_state_reached
     if not record:
-        result = trajectory, [z[-1] for z in trajectory], None
-    else:
-        # Recorded rows are followed by `inf` padding; the final state is the last
-        # row.
-        t_max = get_t_max(trajectory)
-        result = trajectory, [z[t_max] for z in trajectory], t_max
-    return (*result, info.steady_state_reached) if with_reached else result
+        return trajectory, [z[-1] for z in trajectory], None, reached
+    # Recorded rows are followed by `inf` padding; the final state is the last row.
+    t_max = get_t_max(trajectory)
+    return trajectory, [z[t_max] for z in trajectory], t_max, reached
 
 
 def _energies_at(t, y, args) -> Array:
@@ -264,7 +259,6 @@ def infer_recorded(
             record,
             energy_kwargs,
             stop,
-            with_reached=True,
         )
         energies = None
         if record_energies:

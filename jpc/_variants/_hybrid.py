@@ -376,7 +376,6 @@ def make_hpc_step(
         record,
         GENERATOR_ENERGY,
         stop,
-        with_reached=True,
     )
     _, generator, _, _, generator_state = param_step(
         params,
