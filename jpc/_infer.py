@@ -3,7 +3,7 @@
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import diffrax as dfx
 import jax
@@ -142,25 +142,103 @@ def steady_state_event(
     """
     if isinstance(rtol, dfx.AbstractStepSizeController):
         rtol, atol = _stop_tolerances(None, None, rtol)
+    test = steady_state_test(rtol, atol, field_fn)
+    return dfx.Event(lambda t, y, args, **kwargs: test(t, y, args)[1])
+
+
+def steady_state_test(rtol: Any, atol: Any, field_fn=neg_pc_activity_grad):
+    """`test(t, y, args) -> (field, steady)`: the stop of `steady_state_event`,
+    with the field at `y` it evaluated."""
     rtol = _FALLBACK_TOL if rtol is None else rtol
     atol = _FALLBACK_TOL if atol is None else atol
 
-    def cond_fn(t, y, args, **kwargs):
-        free = list(y[:-1])
-        if not free:
-            return jnp.array(True)
+    def test(t, y, args):
         y = list(y)
         # One evaluation serves the field and, when the line-search check runs,
         # its Hessian-vector product (only the tangent part is left to compute).
         field, neg_hvp = jax.linearize(lambda z: field_fn(t, z, args), y)
+        free = y[:-1]
+        if not free:
+            return field, jnp.array(True)
         ratio = steady_state_ratio(field[:-1], free, rtol, atol)
-        return jax.lax.cond(
+        steady = jax.lax.cond(
             (ratio > 1) & (ratio < _POLISH_BELOW),
             lambda: polished_ratio(y, field, args, rtol, atol, neg_hvp, field_fn) <= 1,
             lambda: ratio <= 1,
         )
+        return field, steady
 
-    return dfx.Event(cond_fn)
+    return test
+
+
+class FieldCachingHeun(dfx.AbstractAdaptiveSolver):
+    """Heun's method (as `diffrax.Heun`) that ends each step with the field at its
+    new state and reuses it as the next step's first stage.
+
+    With the steady-state stop, which evaluates that same field after every step
+    (see `SteadyStateStop`), a step then costs Heun's two field evaluations, where
+    `diffrax.Heun` with the stop as a `diffrax.Event` costs three. The solver
+    state is the field at the current state; the vector field must not depend on
+    time (the PC field does not).
+    """
+
+    term_structure: ClassVar = dfx.AbstractTerm
+    interpolation_cls: ClassVar = dfx.ThirdOrderHermitePolynomialInterpolation.from_k
+
+    def order(self, terms):
+        return 2
+
+    def error_order(self, terms):
+        return dfx.Heun().error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def func(self, terms, t0, y0, args):
+        return terms.vf(t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        del made_jump  # an autonomous field: the cached one stays valid
+        dt = t1 - t0
+        k1 = terms.prod(solver_state, dt)
+        k2 = terms.vf_prod(t1, jtu.tree_map(jnp.add, y0, k1), args, dt)
+        y1 = jtu.tree_map(lambda y, a, b: y + (0.5 * a + 0.5 * b), y0, k1, k2)
+        y_error = jtu.tree_map(lambda a, b: 0.5 * a - 0.5 * b, k1, k2)
+        k = jtu.tree_map(lambda a, b: jnp.stack([a, b]), k1, k2)
+        dense_info = dict(y0=y0, y1=y1, k=k)
+        return y1, y_error, dense_info, terms.vf(t1, y1, args), dfx.RESULTS.successful
+
+
+class SteadyStateStop(dfx.AbstractStepSizeController):
+    """A step-size controller that also applies the steady-state stop.
+
+    Accepts and sizes steps as `controller`, and reports
+    `diffrax.RESULTS.event_occurred` (which ends the solve) on an accepted step
+    whose new state passes `test` (a `steady_state_test`), as the stop's
+    `diffrax.Event` would. The field the test evaluates at the new state is the
+    one `FieldCachingHeun` computes at the end of the same step, so the compiled
+    program evaluates it once.
+    """
+
+    controller: dfx.AbstractStepSizeController
+    test: Any
+
+    def wrap(self, direction):
+        return SteadyStateStop(self.controller.wrap(direction), self.test)
+
+    def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+        return self.controller.init(terms, t0, t1, y0, dt0, args, func, error_order)
+
+    def adapt_step_size(
+        self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
+    ):
+        *decision, result = self.controller.adapt_step_size(
+            t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
+        )
+        keep_step = decision[0]
+        steady = keep_step & self.test(t1, y1_candidate, args)[1]
+        result = dfx.RESULTS.where(steady, dfx.RESULTS.event_occurred, result)
+        return (*decision, result)
 
 
 def _max_steps(max_steps, max_t1, dt, controller, record_iters) -> int:
@@ -432,11 +510,26 @@ def solve(
     dtype, state_dtype = time_dtype, dtype
     y0 = check_finite_inputs(activities, kwargs["y"], kwargs["x"], names, caller)
     y0 = check_stop_signs(y0, rtol, atol, caller)
+    t0, t1 = jnp.zeros((), dtype), jnp.asarray(max_t1, dtype)
+    if type(solver) is dfx.Heun:
+        # The default solver: the stop shares the field of each step's end with
+        # the next step's first stage.
+        test = steady_state_test(rtol, atol, field)
+        # In the dtype diffrax holds the state in (at least the times' dtype).
+        y0 = [jnp.asarray(z, jnp.result_type(z, dtype)) for z in y0]
+        field0, steady0 = test(t0, y0, args)
+        solver = FieldCachingHeun()
+        controller = SteadyStateStop(controller, test)
+        t1 = jnp.where(steady0, t0, t1)  # steady at the start: no step
+        stop = dict(solver_state=field0)
+    else:
+        steady0 = jnp.array(False)
+        stop = dict(event=steady_state_event(rtol, atol, field))  # the field integrated
     sol = dfx.diffeqsolve(
         dfx.ODETerm(field),
         solver,
-        t0=jnp.zeros((), dtype),
-        t1=jnp.asarray(max_t1, dtype),
+        t0=t0,
+        t1=t1,
         dt0=None if dt is None else jnp.asarray(dt, dtype),
         y0=y0,
         args=args,
@@ -445,9 +538,9 @@ def solve(
             dtype,
         ),
         stepsize_controller=controller,
-        event=steady_state_event(rtol, atol, field),  # the field integrated
         max_steps=n_steps,
         throw=False,
+        **stop,
     )
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device.
@@ -460,7 +553,7 @@ def solve(
     info = InferenceInfo(
         times=sol.ts if saveat is None else sol.ts[0],
         n_accepted_steps=sol.stats["num_accepted_steps"],
-        steady_state_reached=sol.result == dfx.RESULTS.event_occurred,
+        steady_state_reached=steady0 | (sol.result == dfx.RESULTS.event_occurred),
     )
     return ys, info
 
