@@ -1,0 +1,141 @@
+"""First-call (compile) time of the default ODE training step, and where it goes.
+
+    python -m benchmarks.compile_ode [--repeats 3]
+
+On W1's shapes (784-300-300-10 tanh, batch 64, Adam), each of these runs in a fresh
+process, so that nothing compiled is reused; its first call is split with
+`jax.monitoring` into tracing (`jaxpr_trace`), lowering to MLIR and XLA's backend
+compile, the rest being Python and the run itself:
+
+- `make_pc_step`: the default `jpc.make_pc_step` (Heun + PID, `max_t1=20`, the
+  steady-state stop);
+- `yardstick_ode`, `yardstick_ode_nostop`: the same step written directly
+  (`benchmarks.yardstick.make_ode_pc_step`), with the same stop and with none;
+- `diffrax_bare`: `diffrax.diffeqsolve` of the PC field alone (Heun + PID, no stop,
+  nothing else in the program): the floor of any step whose inference is a diffrax
+  solve.
+
+`--code DIR` imports `jpc` from another checkout (the benchmarks stay this
+checkout's), to compare versions of `jpc` on the same machine.
+"""
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+CASES = ("make_pc_step", "yardstick_ode", "yardstick_ode_nostop", "diffrax_bare")
+
+
+def measure(case: str) -> dict:
+    """The first call of `case`, in this process (seconds)."""
+    import jax
+    import jax.monitoring
+
+    durations = collections.defaultdict(float)
+
+    def listen(name, seconds, **kwargs):
+        durations[name.rsplit("/", 1)[-1].removesuffix("_duration")] += seconds
+
+    import diffrax as dfx
+
+    code = os.environ.get("JPC_BENCHMARK_CODE")
+    if code:  # `jpc` from that checkout, the benchmarks from this one
+        sys.path.insert(0, code)
+    import jpc
+
+    if code:
+        sys.path.remove(code)
+    from benchmarks import yardstick as ys
+    from benchmarks.run import MAX_T1, PARAM_LR, WORKLOADS, adam_state, make_problem
+
+    p = make_problem(WORKLOADS["W1"])
+    act = jpc.get_act_fn(p.workload.act)
+    if case == "make_pc_step":
+        state = adam_state(p, p.model)
+
+        def call():
+            return jpc.make_pc_step(p.model, p.optim, state, p.y, input=p.x)["model"]
+
+    elif case.startswith("yardstick_ode"):
+        stop = "none" if case.endswith("nostop") else "polish"
+        step = ys.make_ode_pc_step(act, MAX_T1, PARAM_LR, stop)
+        state = ys.adam_init(p.params)
+
+        def call():
+            return step(p.params, state, p.x, p.y)
+
+    else:
+        zs = ys.feedforward(p.params, act, p.x)[:-1]
+
+        @jax.jit
+        def call_bare(zs):
+            def field(t, zs, args):
+                grads = jax.grad(ys.energy, argnums=1)(p.params, zs, p.x, p.y, act)
+                return [-g for g in grads]
+
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(field),
+                dfx.Heun(),
+                0.0,
+                MAX_T1,
+                None,
+                zs,
+                stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
+                max_steps=4096,
+            )
+            return sol.ys
+
+        def call():
+            return call_bare(zs)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    wall, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(call())
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    keys = ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
+    return {"first_call_s": wall, "cpu_s": cpu} | {k: durations[k] for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--code", help="a checkout whose `jpc` is imported instead")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one)))
+        return
+    env = dict(os.environ)
+    if args.code:
+        env["JPC_BENCHMARK_CODE"] = os.path.abspath(args.code)
+    print("| call | first call s (median) | trace s | MLIR s | XLA compile s | runs |")
+    print("|---|---|---|---|---|---|")
+    results = {}
+    for case in args.cases:
+        runs = []
+        for _ in range(args.repeats):
+            command = [sys.executable, "-m", "benchmarks.compile_ode", "--one", case]
+            out = subprocess.run(command, capture_output=True, text=True, env=env)
+            if out.returncode:
+                raise RuntimeError(out.stderr)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results[case] = runs
+
+        def median(key, runs=runs):
+            return sorted(r[key] for r in runs)[len(runs) // 2]
+
+        cells = [median(k) for k in ("first_call_s", "jaxpr_trace")]
+        cells += [median("jaxpr_to_mlir_module"), median("backend_compile")]
+        firsts = ", ".join(f"{r['first_call_s']:.2f}" for r in runs)
+        print(f"| {case} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {firsts} |")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
