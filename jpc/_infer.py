@@ -511,7 +511,14 @@ def solve(
     y0 = check_finite_inputs(activities, kwargs["y"], kwargs["x"], names, caller)
     y0 = check_stop_signs(y0, rtol, atol, caller)
     t0, t1 = jnp.zeros((), dtype), jnp.asarray(max_t1, dtype)
-    if type(solver) is dfx.Heun:
+    save = _as_dtype(
+        _saveat(max_t1, record_iters, record_every) if saveat is None else saveat,
+        dtype,
+    )
+    subs = jtu.tree_leaves(save.subs, is_leaf=lambda x: isinstance(x, dfx.SubSaveAt))
+    # Save times need a fixed `t1` (below, a solve steady at the start sets it to
+    # `t0`): they keep the `Event`.
+    if type(solver) is dfx.Heun and all(sub.ts is None for sub in subs):
         # The default solver: the stop shares the field of each step's end with
         # the next step's first stage.
         test = steady_state_test(rtol, atol, field)
@@ -533,10 +540,7 @@ def solve(
         dt0=None if dt is None else jnp.asarray(dt, dtype),
         y0=y0,
         args=args,
-        saveat=_as_dtype(
-            _saveat(max_t1, record_iters, record_every) if saveat is None else saveat,
-            dtype,
-        ),
+        saveat=save,
         stepsize_controller=controller,
         max_steps=n_steps,
         throw=False,
