@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -409,6 +410,18 @@ def _final_state(ys: list) -> list:
     return [y[last] for y in ys]
 
 
+def _initial_row(rows: list, y0: list, n_accepted: Array) -> list:
+    """`rows` (one per accepted step) with row 0 set to `y0` when there was none.
+
+    A solve that is steady at its initial state takes no step and would
+    otherwise save no row at all.
+    """
+    return [
+        r.at[0].set(jnp.where(n_accepted == 0, jnp.asarray(z, r.dtype), r[0]))
+        for r, z in zip(rows, y0)
+    ]
+
+
 def check_solution(sol, args, n_steps: int, max_t1, caller: str, states=None):
     """`sol.ys`, with runtime errors for a non-finite state or an exhausted budget.
 
@@ -546,6 +559,11 @@ def solve(
         throw=False,
         **stop,
     )
+    if record_iters:  # no accepted step: row 0 is the initial state
+        rows = sol.ys if saveat is None else sol.ys[0]
+        rows = _initial_row(rows, y0, sol.stats["num_accepted_steps"])
+        new = rows if saveat is None else [rows, *sol.ys[1:]]
+        sol = eqx.tree_at(lambda s: s.ys, sol, new)
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device.
     states = None if saveat is None else sol.ys[0]

@@ -161,3 +161,39 @@ def test_make_pc_step_equals_heun_with_stop_event():
     leaves = [jax.tree.leaves(eqx.filter(r["model"], eqx.is_array)) for r in results]
     for a, b in zip(*leaves, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_steady_at_the_start_records_the_initial_state():
+    """With `record_iters`, a solve that takes no step returns the initial state
+    as row 0 (`t_max` = 0), on both paths; so does `make_pc_step` with
+    `record_activities`, whose recorded energies there are the layer energies of
+    the initial state (all 0: every error is 0 at a feedforward state that
+    predicts its target)."""
+    import equinox as eqx
+    import optax
+
+    model, x, _ = _problem(8, 3, "tanh", 4, 0)
+    start = jpc.init_activities_with_ffwd(model, x)
+    y = start[-1]
+    for zs, info in _both(model, x, y, max_t1=50, record_iters=True):
+        assert int(info.n_accepted_steps) == 0
+        assert int(jpc.get_t_max(zs)) == 0
+        for row, z in zip(zs, start, strict=True):
+            np.testing.assert_array_equal(row[0], z)
+    optim = optax.sgd(0.1)
+    state = optim.init((eqx.filter(model, eqx.is_array), None))
+    result = jpc.make_pc_step(
+        model,
+        optim,
+        state,
+        y,
+        input=x,
+        record_activities=True,
+        record_energies=True,
+    )
+    jpc.raise_pending_step_errors()
+    assert int(result["t_max"]) == 0
+    np.testing.assert_array_equal(result["activities"][0][0], start[0])
+    np.testing.assert_array_equal(result["energies"][:, 0], 0.0)
+    assert bool(result["steady_state_reached"])
