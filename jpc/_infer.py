@@ -252,7 +252,8 @@ def _max_steps(max_steps, max_t1, dt, controller, record_iters) -> int:
 
 def _saveat(max_t1, record_iters: bool, record_every) -> dfx.SaveAt:
     if record_iters:
-        # Row k is the state after the (k+1)-th accepted step; no initial row.
+        # Row k is the state after the (k+1)-th accepted step; no initial row
+        # (unless no step is taken: see `_initial_row`).
         return dfx.SaveAt(steps=True)
     if record_every is not None:
         if not record_every > 0:
@@ -696,7 +697,8 @@ def solve_inference(
     - `stepsize_controller`: any diffrax step-size controller.
     - `record_iters`: save the state after every accepted step (row `k` is the
         state after step `k + 1`; the initial state is not a row, as in the JPC
-        library; rows after the last step are `inf`, see [`jpc.get_t_max`][]).
+        library, unless the solve takes no step (steady at the start), when it
+        is row 0; rows after the last step are `inf`, see [`jpc.get_t_max`][]).
     - `record_every`: save the state every `record_every` time units from $t=0$
         until the stop, then the final state (rows after it are `inf`).
     - `max_steps`: solver step budget; by default `ceil(max_t1 / dt) + 1` for a
