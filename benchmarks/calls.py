@@ -182,43 +182,39 @@ def call_init_ffwd(inp: Inputs):
     return impls, checks
 
 
-def call_energy(inp: Inputs):
-    p, z = inp.p, inp.activities
-    fn = pure_energy(inp.act)
-    ours = jpc.pc_energy_fn((p.model, None), z, p.y, x=p.x)
-    checks = {"energy": rel_err(ours, fn(p.params, inp.hidden, p.x, p.y))}
+def _at_state(inp: Inputs, ours: Callable, theirs: Callable):
+    """`(impls, ours_out, theirs_out)` for a `jpc` call taking `(params,
+    activities, output, x=input)` and its counterpart taking `(params, hidden, x,
+    y)`, both evaluated at the benchmark's off-equilibrium state."""
+    p = inp.p
+    ours_args = ((p.model, None), inp.activities, p.y)
+    theirs_args = (p.params, inp.hidden, p.x, p.y)
     impls = {
-        "pure": _stateless(fn, p.params, inp.hidden, p.x, p.y),
-        "jpc": _stateless(jpc.pc_energy_fn, (p.model, None), z, p.y, x=p.x),
+        "pure": _stateless(theirs, *theirs_args),
+        "jpc": _stateless(ours, *ours_args, x=p.x),
     }
-    return impls, checks
+    return impls, ours(*ours_args, x=p.x), theirs(*theirs_args)
+
+
+def call_energy(inp: Inputs):
+    impls, e, e_ys = _at_state(inp, jpc.pc_energy_fn, pure_energy(inp.act))
+    return impls, {"energy": rel_err(e, e_ys)}
 
 
 def call_activity_grad(inp: Inputs):
-    p, z = inp.p, inp.activities
     fn = pure_activity_grad(inp.act)
-    e, grads = jpc.compute_pc_activity_grad((p.model, None), z, p.y, x=p.x)
-    e_ys, grads_ys = fn(p.params, inp.hidden, p.x, p.y)
+    impls, (e, grads), (e_ys, grads_ys) = _at_state(
+        inp, jpc.compute_pc_activity_grad, fn
+    )
     checks = {"energy": rel_err(e, e_ys), "grads": rel_err(grads[:-1], grads_ys)}
     checks["last grad is zero"] = float(jnp.max(jnp.abs(grads[-1])))
-    impls = {
-        "pure": _stateless(fn, p.params, inp.hidden, p.x, p.y),
-        "jpc": _stateless(jpc.compute_pc_activity_grad, (p.model, None), z, p.y, x=p.x),
-    }
     return impls, checks
 
 
 def call_param_grads(inp: Inputs):
-    p, z = inp.p, inp.activities
     fn = pure_param_grads(inp.act)
-    grads, _ = jpc.compute_pc_param_grads((p.model, None), z, p.y, x=p.x)
-    theirs = fn(p.params, inp.hidden, p.x, p.y)
-    checks = {"grads": rel_err(run._linear_params(grads), theirs)}
-    impls = {
-        "pure": _stateless(fn, p.params, inp.hidden, p.x, p.y),
-        "jpc": _stateless(jpc.compute_pc_param_grads, (p.model, None), z, p.y, x=p.x),
-    }
-    return impls, checks
+    impls, (grads, _), theirs = _at_state(inp, jpc.compute_pc_param_grads, fn)
+    return impls, {"grads": rel_err(run._linear_params(grads), theirs)}
 
 
 def call_update_activities(inp: Inputs):

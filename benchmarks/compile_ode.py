@@ -11,9 +11,9 @@ compile, the rest being Python and the run itself:
   steady-state stop);
 - `yardstick_ode`, `yardstick_ode_nostop`: the same step written directly
   (`benchmarks.yardstick.make_ode_pc_step`), with the same stop and with none;
-- `diffrax_bare`: `diffrax.diffeqsolve` of the PC field alone (Heun + PID, no stop,
-  nothing else in the program): the floor of any step whose inference is a diffrax
-  solve.
+- `diffrax_bare`: the feedforward pass and `diffrax.diffeqsolve` of the PC field
+  (`benchmarks.yardstick.infer_ode` with no stop: Heun + PID, no parameter update):
+  the floor of any step whose inference is a diffrax solve.
 
 `--code DIR` imports `jpc` from another checkout (the benchmarks stay this
 checkout's), to compare versions of `jpc` on the same machine.
@@ -21,6 +21,7 @@ checkout's), to compare versions of `jpc` on the same machine.
 
 import argparse
 import collections
+import functools
 import json
 import os
 import subprocess
@@ -41,8 +42,6 @@ def measure(case: str) -> dict:
     def listen(name, seconds, **kwargs):
         durations[name.rsplit("/", 1)[-1].removesuffix("_duration")] += seconds
 
-    import diffrax as dfx
-
     code = os.environ.get("JPC_BENCHMARK_CODE")
     if code:  # `jpc` from that checkout, the benchmarks from this one
         sys.path.insert(0, code)
@@ -51,7 +50,14 @@ def measure(case: str) -> dict:
     if code:
         sys.path.remove(code)
     from benchmarks import yardstick as ys
-    from benchmarks.run import MAX_T1, PARAM_LR, WORKLOADS, adam_state, make_problem
+    from benchmarks.run import (
+        MAX_T1,
+        ODE_STOPS,
+        PARAM_LR,
+        WORKLOADS,
+        adam_state,
+        make_problem,
+    )
 
     p = make_problem(WORKLOADS["W1"])
     act = jpc.get_act_fn(p.workload.act)
@@ -61,37 +67,19 @@ def measure(case: str) -> dict:
         def call():
             return jpc.make_pc_step(p.model, p.optim, state, p.y, input=p.x)["model"]
 
-    elif case.startswith("yardstick_ode"):
-        stop = "none" if case.endswith("nostop") else "polish"
-        step = ys.make_ode_pc_step(act, MAX_T1, PARAM_LR, stop)
+    elif case in ODE_STOPS:
+        step = ys.make_ode_pc_step(act, MAX_T1, PARAM_LR, ODE_STOPS[case])
         state = ys.adam_init(p.params)
 
         def call():
             return step(p.params, state, p.x, p.y)
 
     else:
-        zs = ys.feedforward(p.params, act, p.x)[:-1]
-
-        @jax.jit
-        def call_bare(zs):
-            def field(t, zs, args):
-                grads = jax.grad(ys.energy, argnums=1)(p.params, zs, p.x, p.y, act)
-                return [-g for g in grads]
-
-            sol = dfx.diffeqsolve(
-                dfx.ODETerm(field),
-                dfx.Heun(),
-                0.0,
-                MAX_T1,
-                None,
-                zs,
-                stepsize_controller=dfx.PIDController(rtol=1e-3, atol=1e-3),
-                max_steps=4096,
-            )
-            return sol.ys
+        bare = functools.partial(ys.infer_ode, act=act, max_t1=MAX_T1, stop="none")
+        solve = jax.jit(bare)
 
         def call():
-            return call_bare(zs)
+            return solve(p.params, p.x, p.y)
 
     jax.monitoring.register_event_duration_secs_listener(listen)
     wall, cpu = time.perf_counter(), time.process_time()

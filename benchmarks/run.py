@@ -162,6 +162,14 @@ def impl_yardstick_sync(p: Problem):
     return synced, state
 
 
+# The ODE yardsticks and the stop each uses (`yardstick.infer_ode`'s `stop`).
+ODE_STOPS = {
+    "yardstick_ode": "polish",
+    "yardstick_ode_plain": "plain",
+    "yardstick_ode_nostop": "none",
+}
+
+
 def impl_yardstick_ode(p: Problem, stop: str = "polish"):
     """The default ODE path written directly (`yardstick.make_ode_pc_step`)."""
     act = jpc.get_act_fn(p.workload.act)
@@ -277,9 +285,8 @@ def _lowered(impl: str, p: Problem):
         return ys.make_pc_step(act, w.n_steps, ACTIVITY_LR, PARAM_LR).lower(*yargs)
     if impl == "bp_yardstick":
         return ys.make_bp_step(act, PARAM_LR).lower(*yargs)
-    if impl.startswith("yardstick_ode"):
-        stop = {"yardstick_ode": "polish", "yardstick_ode_plain": "plain"}
-        stop = stop.get(impl, "none")
+    if impl in ODE_STOPS:
+        stop = ODE_STOPS[impl]
         return ys.make_ode_pc_step(act, MAX_T1, PARAM_LR, stop).lower(*yargs)
     opt_state = adam_state(p, p.model)
     common = (p.model, p.optim, opt_state, p.y)
@@ -743,8 +750,7 @@ def check_targets(results: dict) -> dict[str, Any]:
             r = programs["fused"]["flops"] / programs["yardstick"]["flops"]
             out[f"{name} program flops, fused/yardstick"] = f"{r:.4f}"
         if "yardstick_ode" in entry["times"] and "ode" in entry["times"]:
-            bases = ("yardstick_ode", "yardstick_ode_plain", "yardstick_ode_nostop")
-            for base in bases:
+            for base in ODE_STOPS:
                 if base not in entry["times"]:
                     continue
                 limit = 1.1 if base == "yardstick_ode" else None

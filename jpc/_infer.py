@@ -253,7 +253,7 @@ def _max_steps(max_steps, max_t1, dt, controller, record_iters) -> int:
 def _saveat(max_t1, record_iters: bool, record_every) -> dfx.SaveAt:
     if record_iters:
         # Row k is the state after the (k+1)-th accepted step; no initial row
-        # (unless no step is taken: see `_initial_row`).
+        # (unless no step is taken: see `_with_initial_rows`).
         return dfx.SaveAt(steps=True)
     if record_every is not None:
         if not record_every > 0:
@@ -411,16 +411,27 @@ def _final_state(ys: list) -> list:
     return [y[last] for y in ys]
 
 
-def _initial_row(rows: list, y0: list, n_accepted: Array) -> list:
-    """`rows` (one per accepted step) with row 0 set to `y0` when there was none.
+def _set_first_row(rows: Array, first: Array) -> Array:
+    return rows.at[0].set(jnp.asarray(first, rows.dtype))
 
-    A solve that is steady at its initial state takes no step and would
-    otherwise save no row at all.
-    """
-    return [
-        r.at[0].set(jnp.where(n_accepted == 0, jnp.asarray(z, r.dtype), r[0]))
-        for r, z in zip(rows, y0)
-    ]
+
+def _with_initial_rows(ys, subs, t0, y0, args, n_accepted: Array):
+    """`ys` with row 0 of every per-step save (`SubSaveAt(steps=True)`) set to
+    the save of the initial state, `sub.fn(t0, y0, args)`, when no step was
+    accepted: a solve steady at its initial state would otherwise save no row.
+    `subs` has the structure of `SaveAt.subs`, a prefix of `ys`'s."""
+
+    def fill(sub, rows):
+        if not sub.steps:
+            return rows
+
+        def initial():
+            first = sub.fn(t0, y0, args)
+            return jtu.tree_map(_set_first_row, rows, first)
+
+        return jax.lax.cond(n_accepted == 0, initial, lambda: rows)
+
+    return jtu.tree_map(fill, subs, ys, is_leaf=lambda x: isinstance(x, dfx.SubSaveAt))
 
 
 def check_solution(sol, args, n_steps: int, max_t1, caller: str, states=None):
@@ -560,11 +571,9 @@ def solve(
         throw=False,
         **stop,
     )
-    if record_iters:  # no accepted step: row 0 is the initial state
-        rows = sol.ys if saveat is None else sol.ys[0]
-        rows = _initial_row(rows, y0, sol.stats["num_accepted_steps"])
-        new = rows if saveat is None else [rows, *sol.ys[1:]]
-        sol = eqx.tree_at(lambda s: s.ys, sol, new)
+    n_accepted = sol.stats["num_accepted_steps"]
+    ys = _with_initial_rows(sol.ys, save.subs, t0, y0, args, n_accepted)
+    sol = eqx.tree_at(lambda s: s.ys, sol, ys)
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device.
     states = None if saveat is None else sol.ys[0]
@@ -575,7 +584,7 @@ def solve(
         return ys
     info = InferenceInfo(
         times=sol.ts if saveat is None else sol.ts[0],
-        n_accepted_steps=sol.stats["num_accepted_steps"],
+        n_accepted_steps=n_accepted,
         steady_state_reached=steady0 | (sol.result == dfx.RESULTS.event_occurred),
     )
     return ys, info

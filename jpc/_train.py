@@ -6,7 +6,6 @@ from typing import Any, Literal, TypedDict
 
 import diffrax as dfx
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import optax
 
@@ -284,12 +283,6 @@ def infer_recorded(
         **(stop or {}),
     )
     trajectory, energy_rows = saved
-    if record_every is None:  # no accepted step: row 0 is the initial state's
-        energy_rows = jax.lax.cond(
-            info.n_accepted_steps == 0,
-            lambda: energy_rows.at[0].set(_energies_at(None, activities, args)),
-            lambda: energy_rows,
-        )
     t_max = get_t_max([energy_rows])
     if record_activities:
         final = [z[t_max] for z in trajectory]
