@@ -17,6 +17,11 @@ compile, the rest being Python and the run itself:
 
 `--code DIR` imports `jpc` from another checkout (the benchmarks stay this
 checkout's), to compare versions of `jpc` on the same machine.
+
+`--cache` measures the first call with JAX's persistent compilation cache
+(`jax_compilation_cache_dir`, a new temporary directory per case): one process
+fills the cache, and the timed processes after it load the compiled program from
+disk instead of compiling it, as a second session of the same notebook would.
 """
 
 import argparse
@@ -26,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -86,7 +92,17 @@ def measure(case: str) -> dict:
     jax.block_until_ready(call())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     keys = ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
+    keys += ("cache_retrieval_time_sec",)
     return {"first_call_s": wall, "cpu_s": cpu} | {k: durations[k] for k in keys}
+
+
+def _run(case: str, env: dict) -> dict:
+    """`measure(case)` in a fresh process."""
+    command = [sys.executable, "-m", "benchmarks.compile_ode", "--one", case]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -94,6 +110,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--code", help="a checkout whose `jpc` is imported instead")
+    parser.add_argument(
+        "--cache", action="store_true", help="with a filled persistent compile cache"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -102,17 +121,19 @@ def main() -> None:
     env = dict(os.environ)
     if args.code:
         env["JPC_BENCHMARK_CODE"] = os.path.abspath(args.code)
-    print("| call | first call s (median) | trace s | MLIR s | XLA compile s | runs |")
-    print("|---|---|---|---|---|---|")
+    header = "| call | first call s (median) | trace s | MLIR s | XLA compile s |"
+    if args.cache:
+        header += " cache load s |"
+    print(header + " runs |")
+    print("|---" * header.count("|") + "|")  # one more column: runs
     results = {}
     for case in args.cases:
-        runs = []
-        for _ in range(args.repeats):
-            command = [sys.executable, "-m", "benchmarks.compile_ode", "--one", case]
-            out = subprocess.run(command, capture_output=True, text=True, env=env)
-            if out.returncode:
-                raise RuntimeError(out.stderr)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        with tempfile.TemporaryDirectory() as cache:
+            if args.cache:
+                env["JAX_COMPILATION_CACHE_DIR"] = cache
+                env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+                _run(case, env)  # fills the cache
+            runs = [_run(case, env) for _ in range(args.repeats)]
         results[case] = runs
 
         def median(key, runs=runs):
@@ -120,6 +141,8 @@ def main() -> None:
 
         cells = [median(k) for k in ("first_call_s", "jaxpr_trace")]
         cells += [median("jaxpr_to_mlir_module"), median("backend_compile")]
+        if args.cache:
+            cells.append(median("cache_retrieval_time_sec"))
         firsts = ", ".join(f"{r['first_call_s']:.2f}" for r in runs)
         print(f"| {case} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {firsts} |")
     print(json.dumps(results))

@@ -540,10 +540,7 @@ def solve(
         _saveat(max_t1, record_iters, record_every) if saveat is None else saveat,
         dtype,
     )
-    subs = jtu.tree_leaves(save.subs, is_leaf=lambda x: isinstance(x, dfx.SubSaveAt))
-    # Save times need a fixed `t1` (below, a solve steady at the start sets it to
-    # `t0`): they keep the `Event`.
-    if type(solver) is dfx.Heun and all(sub.ts is None for sub in subs):
+    if type(solver) is dfx.Heun:
         # The default solver: the stop shares the field of each step's end with
         # the next step's first stage.
         test = steady_state_test(rtol, atol, field)
@@ -552,10 +549,12 @@ def solve(
         field0, steady0 = test(t0, y0, args)
         solver = FieldCachingHeun()
         controller = SteadyStateStop(controller, test)
-        t1 = jnp.where(steady0, t0, t1)  # steady at the start: no step
-        stop = dict(solver_state=field0)
+        # Steady at the start: no step. An event on the flag alone, evaluated once
+        # at `t0`; a traced `t1` instead would put diffrax's rounding of `t1` (100
+        # `prevbefore`s) into the compiled program, about 0.5 s of compilation.
+        start = dfx.Event(lambda t, y, args, **kwargs: steady0)
+        stop = dict(solver_state=field0, event=start)
     else:
-        steady0 = jnp.array(False)
         stop = dict(event=steady_state_event(rtol, atol, field))  # the field integrated
     sol = dfx.diffeqsolve(
         dfx.ODETerm(field),
@@ -585,7 +584,7 @@ def solve(
     info = InferenceInfo(
         times=sol.ts if saveat is None else sol.ts[0],
         n_accepted_steps=n_accepted,
-        steady_state_reached=steady0 | (sol.result == dfx.RESULTS.event_occurred),
+        steady_state_reached=sol.result == dfx.RESULTS.event_occurred,
     )
     return ys, info
 
