@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
 
 CASES = ("make_pc_step", "yardstick_ode", "yardstick_ode_nostop", "diffrax_bare")
@@ -128,7 +129,8 @@ def main() -> None:
     print("|---" * header.count("|") + "|")  # one more column: runs
     results = {}
     for case in args.cases:
-        with tempfile.TemporaryDirectory() as cache:
+        cache_dir = tempfile.TemporaryDirectory() if args.cache else nullcontext()
+        with cache_dir as cache:
             if args.cache:
                 env["JAX_COMPILATION_CACHE_DIR"] = cache
                 env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -415,23 +415,34 @@ def _set_first_row(rows: Array, first: Array) -> Array:
     return rows.at[0].set(jnp.asarray(first, rows.dtype))
 
 
-def _with_initial_rows(ys, subs, t0, y0, args, n_accepted: Array):
-    """`ys` with row 0 of every per-step save (`SubSaveAt(steps=True)`) set to
-    the save of the initial state, `sub.fn(t0, y0, args)`, when no step was
-    accepted: a solve steady at its initial state would otherwise save no row.
-    `subs` has the structure of `SaveAt.subs`, a prefix of `ys`'s."""
+def _with_initial_rows(sol: dfx.Solution, subs, t0, y0, args) -> dfx.Solution:
+    """`sol` with the initial state as row 0 of each per-step save, if no step.
 
-    def fill(sub, rows):
+    A solve steady at its initial state takes no step, so its per-step saves
+    (`SubSaveAt(steps=True)`) would hold no row. Their row 0 becomes the initial
+    state's save, `sub.fn(t0, y0, args)`, at time `t0`. `subs` has the structure
+    of `SaveAt.subs`, a prefix of that of `sol.ts` and of `sol.ys`.
+    """
+    no_step = sol.stats["num_accepted_steps"] == 0
+
+    def fill(sub, ts, ys):
         if not sub.steps:
-            return rows
+            return ts, ys
 
         def initial():
             first = sub.fn(t0, y0, args)
-            return jtu.tree_map(_set_first_row, rows, first)
+            return _set_first_row(ts, t0), jtu.tree_map(_set_first_row, ys, first)
 
-        return jax.lax.cond(n_accepted == 0, initial, lambda: rows)
+        return jax.lax.cond(no_step, initial, lambda: (ts, ys))
 
-    return jtu.tree_map(fill, subs, ys, is_leaf=lambda x: isinstance(x, dfx.SubSaveAt))
+    leaves, treedef = jtu.tree_flatten(
+        subs, is_leaf=lambda x: isinstance(x, dfx.SubSaveAt)
+    )
+    rows = treedef.flatten_up_to(sol.ts), treedef.flatten_up_to(sol.ys)
+    filled = [fill(sub, ts, ys) for sub, ts, ys in zip(leaves, *rows)]
+    ts = treedef.unflatten([f[0] for f in filled])
+    ys = treedef.unflatten([f[1] for f in filled])
+    return eqx.tree_at(lambda s: (s.ts, s.ys), sol, (ts, ys))
 
 
 def check_solution(sol, args, n_steps: int, max_t1, caller: str, states=None):
@@ -549,9 +560,9 @@ def solve(
         field0, steady0 = test(t0, y0, args)
         solver = FieldCachingHeun()
         controller = SteadyStateStop(controller, test)
-        # Steady at the start: no step. An event on the flag alone, evaluated once
-        # at `t0`; a traced `t1` instead would put diffrax's rounding of `t1` (100
-        # `prevbefore`s) into the compiled program, about 0.5 s of compilation.
+        # Steady at the start: no step. An event on the flag alone, which can fire
+        # only at `t0`; a traced `t1` instead would put diffrax's rounding of `t1`
+        # (100 `prevbefore`s) into the compiled program, about 0.5 s of compilation.
         start = dfx.Event(lambda t, y, args, **kwargs: steady0)
         stop = dict(solver_state=field0, event=start)
     else:
@@ -570,9 +581,7 @@ def solve(
         throw=False,
         **stop,
     )
-    n_accepted = sol.stats["num_accepted_steps"]
-    ys = _with_initial_rows(sol.ys, save.subs, t0, y0, args, n_accepted)
-    sol = eqx.tree_at(lambda s: s.ys, sol, ys)
+    sol = _with_initial_rows(sol, save.subs, t0, y0, args)
     # `error_if` (not `eqx.error_if`): the checks see only a scalar, so a
     # batch-sharded trajectory is never gathered onto one device.
     states = None if saveat is None else sol.ys[0]
@@ -583,7 +592,7 @@ def solve(
         return ys
     info = InferenceInfo(
         times=sol.ts if saveat is None else sol.ts[0],
-        n_accepted_steps=n_accepted,
+        n_accepted_steps=sol.stats["num_accepted_steps"],
         steady_state_reached=sol.result == dfx.RESULTS.event_occurred,
     )
     return ys, info

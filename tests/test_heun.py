@@ -179,6 +179,8 @@ def test_steady_at_the_start_records_the_initial_state():
     for zs, info in _both(model, x, y, max_t1=50, record_iters=True):
         assert int(info.n_accepted_steps) == 0
         assert int(jpc.get_t_max(zs)) == 0
+        assert float(info.times[0]) == 0.0  # row 0 is at t = 0
+        assert bool(jnp.all(jnp.isinf(info.times[1:])))
         for row, z in zip(zs, start, strict=True):
             np.testing.assert_array_equal(row[0], z)
     optim = optax.sgd(0.1)
@@ -197,3 +199,25 @@ def test_steady_at_the_start_records_the_initial_state():
     np.testing.assert_array_equal(result["activities"][0][0], start[0])
     np.testing.assert_array_equal(result["energies"][:, 0], 0.0)
     assert bool(result["steady_state_reached"])
+
+
+@pytest.mark.parametrize("options", [{}, dict(record_iters=True)])
+@pytest.mark.slow
+def test_steady_at_the_start_under_vmap_equals_one_solve_each(options):
+    """Under `jax.vmap` over the targets, the instance steady at its start takes
+    no step while the other runs on: each equals its own solve."""
+    model, x, y = _problem(8, 3, "tanh", 4, 0)
+    acts = jpc.init_activities_with_ffwd(model, x)
+
+    def solve(target):
+        return jpc.solve_inference(
+            (model, None), acts, target, input=x, max_t1=50, return_info=True, **options
+        )
+
+    targets = jnp.stack([acts[-1], y])  # the first is the feedforward prediction
+    batched = jax.vmap(solve)(targets)
+    for i, target in enumerate(targets):
+        ours = jax.tree.map(lambda a, i=i: a[i], batched)
+        _assert_same(ours, solve(target), atol=1e-6)
+    assert int(batched[1].n_accepted_steps[0]) == 0
+    assert int(batched[1].n_accepted_steps[1]) > 0
