@@ -715,7 +715,8 @@ def solve_inference(
     - `record_iters`: save the state after every accepted step (row `k` is the
         state after step `k + 1`; the initial state is not a row, as in the JPC
         library, unless the solve takes no step (steady at the start), when it
-        is row 0; rows after the last step are `inf`, see [`jpc.get_t_max`][]).
+        is row 0, at time 0; rows after the last step are `inf`, see
+        [`jpc.get_t_max`][]).
     - `record_every`: save the state every `record_every` time units from $t=0$
         until the stop, then the final state (rows after it are `inf`).
     - `max_steps`: solver step budget; by default `ceil(max_t1 / dt) + 1` for a

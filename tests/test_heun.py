@@ -221,3 +221,31 @@ def test_steady_at_the_start_under_vmap_equals_one_solve_each(options):
         _assert_same(ours, solve(target), atol=1e-6)
     assert int(batched[1].n_accepted_steps[0]) == 0
     assert int(batched[1].n_accepted_steps[1]) > 0
+
+
+@pytest.mark.slow
+def test_the_compiled_solve_keeps_t1_constant():
+    """diffrax rounds `t1` down by 100 ULPs with 100 `nextafter`s; with a
+    constant `t1` XLA folds them away, with a traced one they stay in the
+    compiled program (one long scalar kernel). The default solve keeps `t1`
+    constant, a solve steady at the start included; the reference is the same
+    diffrax solve with a traced `t1`, where the chain does appear."""
+    model, x, y = _problem(8, 3, "tanh", 4, 0)
+    acts = jpc.init_activities_with_ffwd(model, x)
+
+    def solve(target):
+        return jpc.solve_inference((model, None), acts, target, input=x, max_t1=20)
+
+    def traced(t1):
+        term = diffrax.ODETerm(lambda t, z, args: -z)
+        controller = diffrax.PIDController(rtol=1e-3, atol=1e-3)
+        return diffrax.diffeqsolve(
+            term, diffrax.Heun(), 0.0, t1, None, jnp.ones(3),
+            stepsize_controller=controller,
+        ).ys  # fmt: skip
+
+    def rounding_ops(fn, *args):
+        return jax.jit(fn).lower(*args).compile().as_text().count("nextafter")
+
+    assert rounding_ops(traced, jnp.float32(20.0)) >= 100
+    assert rounding_ops(solve, y) < 10
