@@ -302,11 +302,14 @@ def _step_checks(p, pairs) -> dict[str, float]:
     return checks
 
 
-def call_pc_step_fused(inp: Inputs):
-    p = inp.p
-    checks = _step_checks(p, [("fused", "yardstick")])
-    impls = {"pure": run.impl_yardstick(p), "jpc": run.impl_fused(p)}
-    return impls, checks
+def step_call(ours: str, theirs: str) -> Callable:
+    """The call of `run.IMPLS[ours]` against `run.IMPLS[theirs]`, gradients checked."""
+
+    def call(inp: Inputs):
+        checks = _step_checks(inp.p, [(ours, theirs)])
+        return {"pure": run.IMPLS[theirs](inp.p), "jpc": run.IMPLS[ours](inp.p)}, checks
+
+    return call
 
 
 def call_pc_step_ode(inp: Inputs):
@@ -321,13 +324,6 @@ def call_pc_step_ode(inp: Inputs):
         "stop=none": run.impl_yardstick_ode_nostop(p),
         "jpc": run.impl_ode(p),
     }
-    return impls, checks
-
-
-def call_bp_step(inp: Inputs):
-    p = inp.p
-    checks = _step_checks(p, [("bp", "bp_yardstick")])
-    impls = {"pure": run.impl_bp_yardstick(p), "jpc": run.impl_bp(p)}
     return impls, checks
 
 
@@ -352,9 +348,9 @@ CALLS: dict[str, tuple[str, Callable]] = {
     "update_pc_activities": ("sgd(0.1) step by hand", call_update_activities),
     "update_pc_params": ("adam(1e-3) step by hand", call_update_params),
     "solve_inference": ("infer_ode (polish stop)", call_solve_inference),
-    "make_pc_step fused": ("make_pc_step (T=20)", call_pc_step_fused),
+    "make_pc_step fused": ("make_pc_step (T=20)", step_call("fused", "yardstick")),
     "make_pc_step ODE": ("make_ode_pc_step polish", call_pc_step_ode),
-    "make_bp_step": ("make_bp_step", call_bp_step),
+    "make_bp_step": ("make_bp_step", step_call("bp", "bp_yardstick")),
     "test_discriminative_pc": ("feedforward + loss/acc", call_test_discriminative),
 }
 

@@ -14,24 +14,11 @@ the current model), and the time per call of both steps at their current states
 """
 
 import argparse
-import statistics
-import time
-
-import jax
 
 import jpc
 from benchmarks import yardstick as ys
 from benchmarks.run import MAX_T1, PARAM_LR, WORKLOADS, adam_state, make_problem
-
-
-def _per_call(call, n: int = 5) -> float:
-    jax.block_until_ready(call())
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.versions import per_call
 
 
 def main() -> None:
@@ -59,7 +46,7 @@ def main() -> None:
             _, info = jpc.solve_inference(
                 (model, None), z0, p.y, input=p.x, max_t1=MAX_T1, return_info=True
             )
-            a, b = _per_call(ours), _per_call(theirs)
+            a, b = per_call(ours, 5), per_call(theirs, 5)
             print(
                 f"| {k} | {int(info.n_accepted_steps)} | "
                 f"{bool(info.steady_state_reached)} | {a * 1e3:.2f} | {b * 1e3:.2f} | "

@@ -49,13 +49,9 @@ def measure(case: str) -> dict:
     def listen(name, seconds, **kwargs):
         durations[name.rsplit("/", 1)[-1].removesuffix("_duration")] += seconds
 
-    code = os.environ.get("JPC_BENCHMARK_CODE")
-    if code:  # `jpc` from that checkout, the benchmarks from this one
-        sys.path.insert(0, code)
-    import jpc
+    from benchmarks.versions import import_jpc
 
-    if code:
-        sys.path.remove(code)
+    jpc = import_jpc(os.environ.get("JPC_BENCHMARK_CODE"))
     from benchmarks import yardstick as ys
     from benchmarks.run import (
         MAX_T1,

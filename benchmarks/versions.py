@@ -36,7 +36,8 @@ CALLS = (
 )
 
 
-def _jpc(code: str | None):
+def import_jpc(code: str | None):
+    """`jpc` imported from the checkout `code` (this one's when `None` or empty)."""
     if code:  # `jpc` from that checkout, the benchmarks from this one
         sys.path.insert(0, code)
     import jpc
@@ -97,23 +98,27 @@ def _calls(jpc) -> tuple[dict, object]:
 
 def measure(code: str | None, names: list, n_calls: int) -> dict:
     """Median seconds per call of each of `names`, in this process."""
-    import jax
 
-    jpc = _jpc(code)
+    jpc = import_jpc(code)
     calls, solve_steps = _calls(jpc)
     out = {"solve_inference steps": solve_steps()}
     for name in names:
-        call = calls[name]
-        jax.block_until_ready(call())
+        out[name] = per_call(calls[name], n_calls)
         jpc.raise_pending_step_errors()
-        times = []
-        for _ in range(n_calls):
-            start = time.perf_counter()
-            jax.block_until_ready(call())
-            times.append(time.perf_counter() - start)
-        jpc.raise_pending_step_errors()
-        out[name] = statistics.median(times)
     return out
+
+
+def per_call(call, n: int) -> float:
+    """Median seconds of `n` awaited calls of `call`, after a first (compiling) one."""
+    import jax
+
+    jax.block_until_ready(call())
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
