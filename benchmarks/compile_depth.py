@@ -1,6 +1,7 @@
 """Compile time and step time against depth, scanned layers against unrolled ones.
 
     python -m benchmarks.compile_depth [--depths 8 32 128] [--steps 5]
+                                       [--paths scan unrolled]
 
 A μPC residual MLP (width 64, ReLU, identity skips, batch 32): for each depth,
 the first call (trace + compile + one run) and the median steady-state call of
@@ -8,10 +9,13 @@ the first call (trace + compile + one run) and the median steady-state call of
 steps) and of `jpc.make_bp_step`, with the hidden layers traced as one
 `jax.lax.scan` ("scan") and unrolled layer by layer ("unrolled"). Each
 (depth, path) pair runs in a fresh process, so no compiled program is reused
-and both the wall time and the process CPU time of the first call are reported.
+and both the wall time and the process CPU time of the first call are reported,
+with the first call split by `jax.monitoring` into tracing (`jaxpr_trace`),
+lowering to MLIR and XLA's compile.
 """
 
 import argparse
+import collections
 import json
 import subprocess
 import sys
@@ -33,6 +37,7 @@ def measure(depth: int, scan: bool, steps: int) -> dict:
     """First-call and steady-state times of one configuration, in this process."""
     import equinox as eqx
     import jax
+    import jax.monitoring
     import jax.random as jr
     import numpy as np
     import optax
@@ -64,37 +69,52 @@ def measure(depth: int, scan: bool, steps: int) -> dict:
         )["model"],
         "bp": lambda: jpc.make_bp_step(model, optim, state, y, **common)["model"],
     }
+    durations = collections.defaultdict(float)
+
+    def listen(event, seconds, **kwargs):
+        durations[event.rsplit("/", 1)[-1].removesuffix("_duration")] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
     result = {}
     for name, call in calls.items():
+        durations.clear()
         wall, cpu = _time(call)
+        split = {k: durations[k] for k in _SPLIT}
         times = [_time(call)[0] for _ in range(steps)]
-        result[name] = {"compile_s": wall, "compile_cpu_s": cpu}
+        result[name] = {"compile_s": wall, "compile_cpu_s": cpu} | split
         result[name]["step_ms"] = 1e3 * float(np.median(times))
     return result
+
+
+_SPLIT = ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--paths", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"]
+    )
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         depth, scan = int(args.one[0]), args.one[1] == "scan"
         print(json.dumps(measure(depth, scan, args.steps)))
         return
-    print("| depth | step | path | first call wall s | CPU s | step ms |")
-    print("|---|---|---|---|---|---|")
+    header = "| depth | step | path | first call wall s | CPU s | trace s | MLIR s "
+    print(header + "| XLA compile s | step ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for depth in args.depths:
-        for path in ("scan", "unrolled"):
+        for path in args.paths:
             command = [sys.executable, "-m", "benchmarks.compile_depth", "--one"]
             command += [str(depth), path, "--steps", str(args.steps)]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             for step, r in result.items():
-                row = (depth, step, path, r["compile_s"], r["compile_cpu_s"])
-                print("| {} | {} | {} | {:.2f} | {:.2f} |".format(*row), end="")
-                print(f" {r['step_ms']:.2f} |", flush=True)
+                cells = [r["compile_s"], r["compile_cpu_s"], *(r[k] for k in _SPLIT)]
+                cells = " | ".join(f"{c:.2f}" for c in cells)
+                print(f"| {depth} | {step} | {path} | {cells} | {r['step_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -214,6 +214,18 @@ def fold_scale(layer: Layer, scale: Any) -> Layer | None:
     return None
 
 
+def batched(fn: Any) -> Any:
+    """`jax.vmap(fn)` over the leading (batch) axis, for a layer or any callable.
+
+    A plain function that calls `fn` is mapped rather than `fn` itself: for
+    the trace's debug information `jax.vmap` takes the `repr` of a callable that
+    is not a function, and an `equinox.Module`'s is a pretty-printed tree of its
+    fields, formatted anew at every call: a measurable part of tracing a deep
+    network's training step.
+    """
+    return jax.vmap(lambda *args: fn(*args))
+
+
 def predict(
     layer: Layer, skip: Layer | None, scale: Any, z: Array, name: str = "input"
 ) -> Array:
@@ -227,7 +239,7 @@ def predict(
         if folded is not None:
             layer, scale = folded, 1.0
     try:
-        pred = jax.vmap(layer)(z)
+        pred = batched(layer)(z)
     except (TypeError, ValueError) as err:
         hint = batch_axis_hint((name, z)) if name.isidentifier() else ""
         hint = hint or flatten_hint(layer, z, name)
@@ -239,7 +251,7 @@ def predict(
     if not _is_one(scale):
         pred = scale * pred
     if skip is not None:
-        pred = pred + jax.vmap(skip)(z)
+        pred = pred + batched(skip)(z)
     return pred
 
 

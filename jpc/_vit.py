@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import jax.random as jr
 
 from ._checks import PARAM_TYPES, check_option
+from ._layers import batched
 from ._types import Array, Float
 from ._utils import _check_dim, get_act_fn
 
@@ -95,9 +96,9 @@ class TransformerBlock(eqx.Module):
         self.act_fn = act_fn
 
     def __call__(self, z: Array) -> Array:
-        h = jax.vmap(self.norm1)(z)
+        h = batched(self.norm1)(z)
         z = z + self.attention(h, h, h)
-        h = jax.vmap(self.norm2)(z)
+        h = batched(self.norm2)(z)
         mlp = jax.vmap(lambda t: self.mlp_out(self.act_fn(self.mlp_in(t))))
         return z + mlp(h)
 
@@ -118,7 +119,7 @@ class ClassificationHead(eqx.Module):
         self.linear = eqx.nn.Linear(width, n_classes, key=key)
 
     def __call__(self, z: Array) -> Array:
-        return self.linear(jnp.mean(jax.vmap(self.norm)(z), axis=0))
+        return self.linear(jnp.mean(batched(self.norm)(z), axis=0))
 
 
 def _image_hw(image_size) -> tuple[int, int]:

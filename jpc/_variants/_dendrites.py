@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from .._checks import PARAM_TYPES, check_batch, check_option, traced_floats
-from .._layers import _matrix, get_param_scalings, predict, skip_at
+from .._layers import _matrix, batched, get_param_scalings, predict, skip_at
 from .._types import Activities, Array, Float, Model, ParamType, PyTree, Scalar
 from ._bidirectional import (
     BPC_FLOATS,
@@ -70,7 +70,7 @@ def _at(option, hidden: int):
 
 
 def _apply(fn, z):
-    return z if fn is None else jax.vmap(fn)(z)
+    return z if fn is None else batched(fn)(z)
 
 
 def _sg(value, on: bool):
