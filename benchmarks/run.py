@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--quick] [--workloads W0,W1] [--depths 8,16]
                              [--rounds N] [--skip depth,recompiles,nan] [--out FILE]
+                             [--no-line-search]
 
 Every time is per training step, compile excluded, the median over rounds; in
 each round every implementation runs a few chained steps in turn, so all of
@@ -23,6 +24,8 @@ cost of `record_energies=True` on W4; step and compile time against depth;
 compilations on new float hyperparameters; W0 again with `EQX_ON_ERROR=nan`
 (a subprocess). Prints a table of ratios to the yardstick and the targets met
 or missed, and writes JSON (default `benchmarks/results/results.json`).
+`--no-line-search` runs `jpc`'s ODE stop with its plain field test only (the
+yardsticks keep theirs), to measure what the line-search check costs.
 """
 
 import argparse
@@ -834,7 +837,15 @@ def main(argv=None) -> dict:
         "--skip", default="", help="sections to skip: depth,recompiles,nan"
     )
     parser.add_argument("--out", default="benchmarks/results/results.json")
+    parser.add_argument(
+        "--no-line-search",
+        action="store_true",
+        help="jpc's ODE stop without its line-search check (what the check costs)",
+    )
     args = parser.parse_args(argv)
+    if args.no_line_search:
+        # Read when a solve is traced: no ratio is below 0, so the check never runs.
+        jpc._infer._POLISH_BELOW = 0.0
     counter = CompileCounter()
     rounds = args.rounds or (5 if args.quick else 15)
     target = 0.05 if args.quick else 0.1
