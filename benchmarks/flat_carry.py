@@ -1,12 +1,14 @@
 """Does a PC step compile in depth-flat time when its activities stay stacked?
 
-    python -m benchmarks.flat_carry [--depths 8 32 128] [--steps 5]
+    python -m benchmarks.flat_carry [--depths 8 16 32 64 128] [--steps 10]
 
 A question about XLA, asked with the PC maths written directly in JAX (no `jpc`):
-a μPC-style residual ReLU MLP (width 64, batch 32, input 64, output 10, hidden
-layers $z_l = z_{l-1} + W_l\\,\\phi(z_{l-1}) / \\sqrt{N L}$), one training step =
-feedforward initialisation, 20 SGD steps on the activities, Adam on the weights at
-the final activities. Two programs of the same maths:
+a residual ReLU MLP with μPC's hidden-layer scaling (width $N$ = 64, batch 32,
+input 64, output 10, no biases; hidden layers
+$z_l = z_{l-1} + W_l\\,\\phi(z_{l-1}) / \\sqrt{N L}$, standard normal $W_l$;
+input and output weights scaled by one over the square root of their fan-in).
+One training step: feedforward initialisation, 20 SGD steps on the activities, Adam
+on the weights at the final activities. Two programs of the same maths:
 
 - `unrolled`: the activities and weights are lists of per-layer arrays, as the
   list-of-layers interface holds them; every layer is traced.
@@ -173,7 +175,7 @@ def measure(program: str, depth: int, steps: int) -> dict:
         "lower_s": lower_s,
         "compile_s": compile_s,
         "step_ms": 1e3 * float(np.median(times)),
-        "grads": [np.asarray(grads[0]).tolist(), np.asarray(g_hidden).tolist()],
+        "grads": [np.asarray(g).tolist() for g in (grads[0], g_hidden, grads[2])],
     }
 
 
@@ -181,8 +183,8 @@ def main() -> None:
     import numpy as np
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

@@ -85,9 +85,11 @@ def main() -> None:
     for name, model, x, y, max_t1 in _problems():
         rows, summary = trace(model, x, y, max_t1)
         checked = [r for r in rows if 1 < r[1] < _infer._POLISH_BELOW]
-        fires = [r for r in rows if r[1] > 1 and r[2] <= 1]
+        fires = [r for r in checked if r[2] <= 1]
+        plain = [r[1] for r in rows]
         print(f"{name}: {summary['steps']} steps, stopped {summary['stopped']}")
-        print(f"  check runs at {len(checked)} of {len(rows)} states")
+        print(f"  check runs at {len(checked)} of {len(rows)} states", end="")
+        print(f"; plain ratio from {min(plain):.3g} to {max(plain):.3g}")
         for k, plain, polished, fell in rows[-3:]:
             print(
                 f"  state {k:4d}: plain {plain:8.3f}  polished {polished:8.3f}", end=""

@@ -223,7 +223,7 @@ def batched(fn: Any) -> Any:
     fields, formatted anew at every call: a measurable part of tracing a deep
     network's training step.
     """
-    return jax.vmap(lambda *args: fn(*args))
+    return jax.vmap(lambda *args, **kwargs: fn(*args, **kwargs))
 
 
 def predict(
