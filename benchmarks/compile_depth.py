@@ -15,11 +15,12 @@ lowering to MLIR and XLA's compile.
 """
 
 import argparse
-import collections
 import json
 import subprocess
 import sys
 import time
+
+from benchmarks.compile_ode import SPLIT, compile_durations
 
 
 WIDTH, BATCH, D_IN, D_OUT = 64, 32, 64, 10
@@ -37,7 +38,6 @@ def measure(depth: int, scan: bool, steps: int) -> dict:
     """First-call and steady-state times of one configuration, in this process."""
     import equinox as eqx
     import jax
-    import jax.monitoring
     import jax.random as jr
     import numpy as np
     import optax
@@ -69,24 +69,16 @@ def measure(depth: int, scan: bool, steps: int) -> dict:
         )["model"],
         "bp": lambda: jpc.make_bp_step(model, optim, state, y, **common)["model"],
     }
-    durations = collections.defaultdict(float)
-
-    def listen(event, seconds, **kwargs):
-        durations[event.rsplit("/", 1)[-1].removesuffix("_duration")] += seconds
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
+    durations = compile_durations()
     result = {}
     for name, call in calls.items():
         durations.clear()
         wall, cpu = _time(call)
-        split = {k: durations[k] for k in _SPLIT}
+        split = {k: durations[k] for k in SPLIT}
         times = [_time(call)[0] for _ in range(steps)]
         result[name] = {"compile_s": wall, "compile_cpu_s": cpu} | split
         result[name]["step_ms"] = 1e3 * float(np.median(times))
     return result
-
-
-_SPLIT = ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
 
 
 def main() -> None:
@@ -112,7 +104,7 @@ def main() -> None:
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             for step, r in result.items():
-                cells = [r["compile_s"], r["compile_cpu_s"], *(r[k] for k in _SPLIT)]
+                cells = [r["compile_s"], r["compile_cpu_s"], *(r[k] for k in SPLIT)]
                 cells = " | ".join(f"{c:.2f}" for c in cells)
                 print(f"| {depth} | {step} | {path} | {cells} | {r['step_ms']:.2f} |")
 

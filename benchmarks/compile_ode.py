@@ -39,15 +39,27 @@ from contextlib import nullcontext
 CASES = ("make_pc_step", "yardstick_ode", "yardstick_ode_nostop", "diffrax_bare")
 
 
-def measure(case: str) -> dict:
-    """The first call of `case`, in this process (seconds)."""
-    import jax
+# JAX's events for the three stages of a first call: tracing, lowering, XLA.
+SPLIT = ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
+
+
+def compile_durations() -> dict:
+    """A dict that, from now on, sums the seconds of JAX's monitoring events in
+    this process by event name (`SPLIT` names the stages of a first call)."""
     import jax.monitoring
 
     durations = collections.defaultdict(float)
 
     def listen(name, seconds, **kwargs):
         durations[name.rsplit("/", 1)[-1].removesuffix("_duration")] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return durations
+
+
+def measure(case: str) -> dict:
+    """The first call of `case`, in this process (seconds)."""
+    import jax
 
     from benchmarks.versions import import_jpc
 
@@ -84,12 +96,11 @@ def measure(case: str) -> dict:
         def call():
             return solve(p.params, p.x, p.y)
 
-    jax.monitoring.register_event_duration_secs_listener(listen)
+    durations = compile_durations()
     wall, cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(call())
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    keys = ("jaxpr_trace", "jaxpr_to_mlir_module", "backend_compile")
-    keys += ("cache_retrieval_time_sec",)
+    keys = (*SPLIT, "cache_retrieval_time_sec")
     return {"first_call_s": wall, "cpu_s": cpu} | {k: durations[k] for k in keys}
 
 

@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks.versions import per_call
+
 
 WIDTH, BATCH, D_IN, D_OUT, T, ACTIVITY_LR, PARAM_LR = 64, 32, 64, 10, 20, 0.1, 1e-3
 
@@ -164,17 +166,13 @@ def measure(program: str, depth: int, steps: int) -> dict:
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    new, _, grads = jax.block_until_ready(compiled(params, state, x, y))
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(params, state, x, y))
-        times.append(time.perf_counter() - t)
+    _, _, grads = compiled(params, state, x, y)
+    step_s = per_call(lambda: compiled(params, state, x, y), steps)
     g_hidden = grads[1] if program == "stacked" else jnp.stack(grads[1])
     return {
         "lower_s": lower_s,
         "compile_s": compile_s,
-        "step_ms": 1e3 * float(np.median(times)),
+        "step_ms": 1e3 * step_s,
         "grads": [np.asarray(g).tolist() for g in (grads[0], g_hidden, grads[2])],
     }
 

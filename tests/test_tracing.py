@@ -34,13 +34,9 @@ CountingSequential.calls = 0
 
 
 def _counting_mlp(key, sizes):
-    """`jpc.make_mlp`'s layout (activation, then linear map; identity first)."""
-    keys = jr.split(key, len(sizes) - 1)
-    acts = [lambda z: z] + [jnp.tanh] * (len(sizes) - 2)
-    return [
-        CountingSequential([eqx.nn.Lambda(act), eqx.nn.Linear(a, b, key=k)])
-        for act, a, b, k in zip(acts, sizes[:-1], sizes[1:], keys)
-    ]
+    """`jpc.make_mlp`'s layers, each as a `CountingSequential`."""
+    model = jpc.make_mlp(key, sizes[0], sizes[1], len(sizes) - 1, sizes[-1], "tanh")
+    return [CountingSequential(list(layer.layers)) for layer in model]
 
 
 def test_batched_equals_vmap_of_the_layer(key):
