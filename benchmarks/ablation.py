@@ -40,6 +40,7 @@ from benchmarks.run import (
     make_problem,
     time_interleaved,
 )
+from jpc._compat import jax_versions
 from jpc._updates import discrete_inference
 
 
@@ -101,7 +102,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--target", type=float, default=0.1, help="s per round")
     args = parser.parse_args(argv)
-    print(f"JAX {jax.__version__}, {jax.default_backend()} backend")
+    print(f"{jax_versions()}, {jax.default_backend()} backend")
     results = {}
     for name in args.workloads.split(","):
         progs = programs(make_problem(WORKLOADS[name]))

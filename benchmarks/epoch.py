@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import jpc
+from jpc._compat import jax_versions
 
 from . import run, yardstick as ys
 
@@ -123,7 +124,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workloads", default="W0,W1,W2,W3")
     args = parser.parse_args(argv)
     rounds, target = (3, 0.2) if args.quick else (7, 0.5)
-    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, rounds={rounds}")
+    print(f"{jax_versions()}, {jax.devices()[0].device_kind}, rounds={rounds}")
     print(
         "per-step ms (wall/CPU): " + ", ".join(IMPLS) + "; speed-up of run_steps over"
     )

@@ -1,6 +1,6 @@
 """Does a PC step compile in depth-flat time when its activities stay stacked?
 
-    python -m benchmarks.flat_carry [--depths 8 16 32 64 128] [--steps 10]
+    python -m benchmarks.flat_carry [--depths 8 16 32 64 128] [--steps 10] [--rounds 7]
 
 A question about XLA, asked with the PC maths written directly in JAX (no `jpc`):
 a residual ReLU MLP with μPC's hidden-layer scaling (width $N$ = 64, batch 32,
@@ -22,7 +22,10 @@ on the weights at the final activities. Two programs of the same maths:
 Each (program, depth) runs in a fresh process; reported are `jit(...).lower()`
 (tracing and lowering) and `.compile()` (XLA) in seconds, the median step time in
 ms, and the largest difference between the two programs' weight gradients at the
-final activities (they must compute the same step).
+final activities (they must compute the same step). A third process per depth
+times both steps alternately in rounds and reports the stacked step's time over
+the unrolled one's (median of the per-round ratios, wall and CPU): the step times
+of separate processes drift with the machine's load.
 """
 
 import argparse
@@ -148,10 +151,10 @@ def _stacked(depth: int):
     return _train_step(energy, feedforward)
 
 
-def measure(program: str, depth: int, steps: int) -> dict:
+def _build(program: str, depth: int):
+    """`(jitted step, its arguments)` of one program at one depth."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     w_in, hidden, w_out, x, y = _problem(depth)
     if program == "stacked":
@@ -160,14 +163,22 @@ def measure(program: str, depth: int, steps: int) -> dict:
         params, step = (w_in, hidden, w_out), _unrolled(depth)
     zeros = jax.tree.map(jnp.zeros_like, params)
     state = (zeros, zeros, jnp.zeros((), jnp.int32))
+    return jax.jit(step), (params, state, x, y)
+
+
+def measure(program: str, depth: int, steps: int) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+
+    step, args = _build(program, depth)
     t = time.perf_counter()
-    lowered = jax.jit(step).lower(params, state, x, y)
+    lowered = step.lower(*args)
     lower_s = time.perf_counter() - t
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    _, _, grads = compiled(params, state, x, y)
-    step_s = per_call(lambda: compiled(params, state, x, y), steps)
+    _, _, grads = compiled(*args)
+    step_s = per_call(lambda: compiled(*args), steps)
     g_hidden = grads[1] if program == "stacked" else jnp.stack(grads[1])
     return {
         "lower_s": lower_s,
@@ -177,29 +188,56 @@ def measure(program: str, depth: int, steps: int) -> dict:
     }
 
 
+def paired(depth: int, rounds: int) -> dict:
+    """The stacked step's time over the unrolled one's, both in this process.
+
+    `benchmarks.run.time_interleaved`: rounds of about 0.2 s per program, their
+    order reversed every other round; the median over rounds of the per-round
+    ratio (wall and process CPU time), robust to load that drifts between rounds.
+    """
+    from benchmarks.run import time_interleaved
+
+    impls = {}
+    for program in ("unrolled", "stacked"):
+        step, args = _build(program, depth)
+        impls[program] = (lambda a, step=step: (a, step(*a)[2]), args)
+    out = time_interleaved(impls, rounds, target=0.2)["stacked"]
+    return {"wall": out["paired_ratio"], "cpu": out["paired_cpu_ratio"]}
+
+
 def main() -> None:
     import numpy as np
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         program, depth = args.one
-        print(json.dumps(measure(program, int(depth), args.steps)))
+        if program == "paired":
+            print(json.dumps(paired(int(depth), args.rounds)))
+        else:
+            print(json.dumps(measure(program, int(depth), args.steps)))
         return
     rows = {}
     print("depth  program   lower s  compile s  step ms")
     for depth in args.depths:
-        for program in ("unrolled", "stacked"):
+        for program in ("unrolled", "stacked", "paired"):
             out = subprocess.run(
                 [sys.executable, "-m", "benchmarks.flat_carry", "--one", program,
-                 str(depth), "--steps", str(args.steps)],
+                 str(depth), "--steps", str(args.steps), "--rounds", str(args.rounds)],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             rows[program, depth] = json.loads(out.stdout.splitlines()[-1])
             r = rows[program, depth]
+            if program == "paired":
+                print(
+                    f"       stacked / unrolled step, paired: wall {r['wall']:.2f},"
+                    f" CPU {r['cpu']:.2f}"
+                )
+                continue
             print(
                 f"{depth:5d}  {program:8s} {r['lower_s']:8.2f} {r['compile_s']:10.2f}"
                 f" {r['step_ms']:8.2f}"

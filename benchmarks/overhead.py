@@ -28,6 +28,7 @@ from benchmarks.run import (
     make_problem,
 )
 from jpc import _jit
+from jpc._compat import jax_versions
 
 
 def _median_us(fn, calls: int, repeats: int = 5) -> float:
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
             lambda: ys_step(*ys_args)[2].block_until_ready(), n
         ),
     }
-    print(f"W0 ({w.note}), JAX {jax.__version__}, {jax.default_backend()} backend")
+    print(f"W0 ({w.note}), {jax_versions()}, {jax.default_backend()} backend")
     for name, value in rows.items():
         print(f"  {name:45s} {value:8.1f} µs")
     return rows

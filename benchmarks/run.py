@@ -30,6 +30,7 @@ yardsticks keep theirs), to measure what the line-search check costs.
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import os
 import platform
@@ -816,6 +817,7 @@ def machine() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
         "jax": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
         "equinox": eqx.__version__,
         "backend": jax.default_backend(),
         "device": getattr(device, "device_kind", str(device)),

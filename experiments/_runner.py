@@ -33,6 +33,7 @@ import argparse
 import concurrent.futures
 import datetime
 import importlib
+import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -110,7 +111,11 @@ def _jax_info() -> dict | None:
     jax = sys.modules.get("jax")
     if jax is None:
         return None
-    return {"version": jax.__version__, "backend": jax.default_backend()}
+    return {
+        "version": jax.__version__,
+        "jaxlib": importlib.metadata.version("jaxlib"),
+        "backend": jax.default_backend(),
+    }
 
 
 def execute_cell(module: str, cells_dir: str, key: str, params: dict) -> dict:

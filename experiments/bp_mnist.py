@@ -27,6 +27,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_versions
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "bp_mnist"
@@ -94,7 +95,7 @@ def main(argv=None) -> dict:
     later = log["epoch_seconds"][1:] or log["epoch_seconds"]
     results = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        machine=f"{jax.devices()[0].platform}, JAX {jax.__version__}",
+        machine=f"{jax.devices()[0].platform}, {jax_versions()}",
         final_test_acc=log["test_acc"][-1],
         seconds_per_epoch=float(np.mean(later)),
         first_epoch_seconds=log["epoch_seconds"][0],

@@ -68,6 +68,7 @@ import jpc
 from experiments import _runner
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_versions
 
 
 N_CLASSES = 10
@@ -808,7 +809,7 @@ def summarize(args, done: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    print(f"JAX {jax.__version__}, backend {jax.default_backend()}")
+    print(f"{jax_versions()}, backend {jax.default_backend()}")
     return _runner.main(
         "experiments.depth_study", build_parser(), argv, check_args=check_args
     )

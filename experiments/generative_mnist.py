@@ -60,6 +60,7 @@ import optax
 import jpc
 from experiments import _runner
 from jpc import datasets
+from jpc._compat import jax_versions
 
 
 N_CLASSES = 10
@@ -356,7 +357,7 @@ def summarize(args, done: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    print(f"JAX {jax.__version__}, backend {jax.default_backend()}")
+    print(f"{jax_versions()}, backend {jax.default_backend()}")
     return _runner.main(
         "experiments.generative_mnist", build_parser(), argv, check_args=check_args
     )

@@ -32,6 +32,7 @@ training step `jpc.make_pc_step` (see `sweep_timing`) and writes `sweep_timing.j
 """
 
 import argparse
+import importlib.metadata
 import itertools
 import json
 import time
@@ -565,7 +566,11 @@ def main(argv=None) -> dict:
         }
         out = {
             "config": config,
-            "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+            "jax": {
+                "version": jax.__version__,
+                "jaxlib": importlib.metadata.version("jaxlib"),
+                "backend": jax.default_backend(),
+            },
             **out,
         }
         args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -593,7 +598,11 @@ def main(argv=None) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out = {
         "config": config,
-        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "jax": {
+            "version": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib"),
+            "backend": jax.default_backend(),
+        },
         "best_activity_lr": {str(k): v for k, v in best.items()},
         "ratio_study": study,
         "runs": results,

@@ -18,6 +18,7 @@ Writes `results.json` and `linear_theory.png` to `--out-dir`.
 """
 
 import argparse
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -186,7 +187,11 @@ def main(argv=None) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out = {
         "config": config,
-        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "jax": {
+            "version": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib"),
+            "backend": jax.default_backend(),
+        },
         "summary": summary,
         "log": log,
     }

@@ -30,6 +30,7 @@ Writes `results.json` and `local_rules.png` to `--out-dir`.
 """
 
 import argparse
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -407,7 +408,11 @@ def main(argv=None) -> dict:
             "n_train_used": len(train[0]),
             "n_test_used": len(test[0]),
         },
-        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "jax": {
+            "version": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib"),
+            "backend": jax.default_backend(),
+        },
         "runs": runs,
     }
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -52,6 +52,7 @@ import jpc
 from experiments import _runner
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_versions
 
 
 N_CLASSES = 10
@@ -586,7 +587,7 @@ def summarize(args, done: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    print(f"JAX {jax.__version__}, backend {jax.default_backend()}")
+    print(f"{jax_versions()}, backend {jax.default_backend()}")
     return _runner.main(
         "experiments.pcx_table_mlp", build_parser(), argv, check_args=check_args
     )

@@ -16,6 +16,7 @@ Writes `results.json` and `learning_curves.png` to `--out-dir`.
 """
 
 import argparse
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -293,7 +294,11 @@ def _results(args, name, source, x_train, x_test, runs) -> dict:
             "activity_optim": f"per_example(sgd({args.activity_lr}))",
             "n_inference_steps": N_INFERENCE_STEPS,
         },
-        "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        "jax": {
+            "version": jax.__version__,
+            "jaxlib": importlib.metadata.version("jaxlib"),
+            "backend": jax.default_backend(),
+        },
         "runs": runs,
     }
 

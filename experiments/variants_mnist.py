@@ -48,6 +48,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_versions
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "variants_mnist"
@@ -293,7 +294,7 @@ def main(argv=None) -> dict:
     runs = {name: run(name, args, train, test) for name in args.methods}
     results = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        machine=f"{jax.devices()[0].platform}, JAX {jax.__version__}",
+        machine=f"{jax.devices()[0].platform}, {jax_versions()}",
         methods=runs,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_versions
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "zil_moons"
@@ -234,7 +235,7 @@ def main(argv=None) -> dict:
         runs[name].append(train(steps[name], model, optim, data, args, seed))
     results = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        machine=f"{jax.devices()[0].platform}, JAX {jax.__version__}",
+        machine=f"{jax.devices()[0].platform}, {jax_versions()}",
         methods={
             name: dict(summary=summarise(r, args.epochs), runs=r)
             for name, r in runs.items()

@@ -2,7 +2,7 @@
 
 import importlib.metadata
 
-from . import datasets as datasets
+from . import _compat, datasets as datasets
 from ._checkpoint import (
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
@@ -146,3 +146,4 @@ from ._vit import (
 
 _get_param_scalings = get_param_scalings
 __version__ = importlib.metadata.version("jpc")
+_compat.check_jaxlib()
