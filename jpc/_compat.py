@@ -36,8 +36,8 @@ def check_jaxlib() -> None:
         f"jaxlib {version} miscompiles, on the CPU backend, some reductions that "
         "XLA fuses with the matrix product before them, and returns wrong values "
         f"without an error ({issue}); PC energies and the steady-state stop have "
-        "that form. Install another jaxlib (`pip install 'jaxlib!=0.10.2'`), or set "
-        f"XLA_FLAGS={flag} before JAX starts.",
+        f"that form. Install another jaxlib (`pip install 'jaxlib!={version}'`), or "
+        f"set XLA_FLAGS={flag} before JAX starts.",
         UserWarning,
         stacklevel=2,
     )

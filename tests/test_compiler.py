@@ -4,8 +4,8 @@ jaxlib 0.10.2 miscompiles, on CPU, some per-row sums of squares that XLA fuses w
 the matrix product before them, and returns wrong values without an error
 (https://github.com/jax-ml/jax/issues/39103); `jpc` excludes that release and warns
 when it is installed anyway. PC energies, the steady-state stop's per-example ratios
-and per-example losses are all of that form. These tests check the installed jaxlib
-for that fault; both fail on jaxlib 0.10.2.
+and per-example losses are all of that form. The first two tests check the installed
+jaxlib for that fault and fail on jaxlib 0.10.2.
 """
 
 import importlib.metadata
