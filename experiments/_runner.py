@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures
 import datetime
 import importlib
-import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -111,11 +110,9 @@ def _jax_info() -> dict | None:
     jax = sys.modules.get("jax")
     if jax is None:
         return None
-    return {
-        "version": jax.__version__,
-        "jaxlib": importlib.metadata.version("jaxlib"),
-        "backend": jax.default_backend(),
-    }
+    from jpc._compat import jax_info
+
+    return jax_info()
 
 
 def execute_cell(module: str, cells_dir: str, key: str, params: dict) -> dict:

@@ -32,7 +32,6 @@ training step `jpc.make_pc_step` (see `sweep_timing`) and writes `sweep_timing.j
 """
 
 import argparse
-import importlib.metadata
 import itertools
 import json
 import time
@@ -49,6 +48,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_info
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "gradient_analysis_moons"
@@ -566,11 +566,7 @@ def main(argv=None) -> dict:
         }
         out = {
             "config": config,
-            "jax": {
-                "version": jax.__version__,
-                "jaxlib": importlib.metadata.version("jaxlib"),
-                "backend": jax.default_backend(),
-            },
+            "jax": jax_info(),
             **out,
         }
         args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -598,11 +594,7 @@ def main(argv=None) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out = {
         "config": config,
-        "jax": {
-            "version": jax.__version__,
-            "jaxlib": importlib.metadata.version("jaxlib"),
-            "backend": jax.default_backend(),
-        },
+        "jax": jax_info(),
         "best_activity_lr": {str(k): v for k, v in best.items()},
         "ratio_study": study,
         "runs": results,

@@ -18,7 +18,6 @@ Writes `results.json` and `linear_theory.png` to `--out-dir`.
 """
 
 import argparse
-import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_info
 
 
 DEFAULT_OUT_DIR = Path(__file__).parent / "results" / "linear_theory"
@@ -187,11 +187,7 @@ def main(argv=None) -> dict:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     out = {
         "config": config,
-        "jax": {
-            "version": jax.__version__,
-            "jaxlib": importlib.metadata.version("jaxlib"),
-            "backend": jax.default_backend(),
-        },
+        "jax": jax_info(),
         "summary": summary,
         "log": log,
     }

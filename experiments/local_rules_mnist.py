@@ -30,7 +30,6 @@ Writes `results.json` and `local_rules.png` to `--out-dir`.
 """
 
 import argparse
-import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_info
 
 
 METHODS = ("WP", "NP", "FA", "KP", "BP", "PC")
@@ -408,11 +408,7 @@ def main(argv=None) -> dict:
             "n_train_used": len(train[0]),
             "n_test_used": len(test[0]),
         },
-        "jax": {
-            "version": jax.__version__,
-            "jaxlib": importlib.metadata.version("jaxlib"),
-            "backend": jax.default_backend(),
-        },
+        "jax": jax_info(),
         "runs": runs,
     }
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -16,7 +16,6 @@ Writes `results.json` and `learning_curves.png` to `--out-dir`.
 """
 
 import argparse
-import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import optax
 import jpc
 from experiments._progress import progress
 from jpc import datasets
+from jpc._compat import jax_info
 
 
 N_CLASSES = 10
@@ -294,11 +294,7 @@ def _results(args, name, source, x_train, x_test, runs) -> dict:
             "activity_optim": f"per_example(sgd({args.activity_lr}))",
             "n_inference_steps": N_INFERENCE_STEPS,
         },
-        "jax": {
-            "version": jax.__version__,
-            "jaxlib": importlib.metadata.version("jaxlib"),
-            "backend": jax.default_backend(),
-        },
+        "jax": jax_info(),
         "runs": runs,
     }
 

@@ -48,3 +48,15 @@ def jax_versions() -> str:
     import jax
 
     return f"JAX {jax.__version__} (jaxlib {importlib.metadata.version('jaxlib')})"
+
+
+def jax_info() -> dict:
+    """JAX's and jaxlib's versions and the default backend, for result records."""
+    import jax
+
+    version = importlib.metadata.version("jaxlib")
+    return {
+        "version": jax.__version__,
+        "jaxlib": version,
+        "backend": jax.default_backend(),
+    }
