@@ -1,13 +1,16 @@
-"""Compile time and step time against depth, scanned layers against unrolled ones.
+"""Compile time and step time against depth: stacked, scanned and unrolled layers.
 
     python -m benchmarks.compile_depth [--depths 8 32 128] [--steps 5]
-                                       [--paths scan unrolled]
+                                       [--paths stacked scan unrolled]
+    python -m benchmarks.compile_depth --paired ROUNDS [--depths ...]
 
 A μPC residual MLP (width 64, ReLU, identity skips, batch 32): for each depth,
 the first call (trace + compile + one run) and the median steady-state call of
 `jpc.make_pc_step` (discrete inference, `optax.sgd(0.1)` on the activities, 20
-steps) and of `jpc.make_bp_step`, with the hidden layers traced as one
-`jax.lax.scan` ("scan") and unrolled layer by layer ("unrolled"). Each
+steps) and of `jpc.make_bp_step`, with the hidden layers and their activities
+held stacked for the whole step ("stacked", `jpc._packed`: the default of
+`make_pc_step`), traced as one `jax.lax.scan` at each evaluation of the energy
+("scan", `jpc._stacked`) and unrolled layer by layer ("unrolled"). Each
 (depth, path) pair runs in a fresh process, so no compiled program is reused
 and both the wall time and the process CPU time of the first call are reported,
 with the first call split by `jax.monitoring` into tracing (`jaxpr_trace`),
@@ -34,18 +37,24 @@ def _time(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(depth: int, scan: bool, steps: int) -> dict:
-    """First-call and steady-state times of one configuration, in this process."""
+PATHS = ("stacked", "scan", "unrolled")
+
+
+def _set_path(path: str) -> None:
+    from jpc import _packed, _stacked
+
+    _packed.ENABLED = path == "stacked"
+    _stacked.ENABLED = path == "scan"
+
+
+def _problem(depth: int):
     import equinox as eqx
     import jax
     import jax.random as jr
-    import numpy as np
     import optax
 
     import jpc
-    from jpc import _stacked
 
-    _stacked.ENABLED = scan
     k_model, k_x, k_y = jr.split(jr.PRNGKey(0), 3)
     model = jpc.make_mlp(
         k_model, D_IN, WIDTH, depth, D_OUT, "relu", param_type="mupc", use_bias=True
@@ -55,6 +64,76 @@ def measure(depth: int, scan: bool, steps: int) -> dict:
     y = jax.nn.one_hot(jr.randint(k_y, (BATCH,), 0, D_OUT), D_OUT)
     optim = optax.adam(1e-3)
     state = optim.init((eqx.filter(model, eqx.is_array), skip_model))
+    return model, skip_model, x, y, optim, state
+
+
+def paired(depth: int, rounds: int) -> dict:
+    """`make_pc_step`'s step time, stacked over unrolled, both in this process.
+
+    Each program is compiled under its own path (with its own activity
+    optimiser object, so that the two are separate compiled programs), then
+    `benchmarks.run.time_interleaved` alternates them in rounds of about 0.2 s
+    and gives the median over rounds of the per-round ratio (wall and process
+    CPU time). Also the largest difference between the updated weights.
+    """
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jpc
+    from benchmarks.run import time_interleaved
+
+    model, skip_model, x, y, optim, state = _problem(depth)
+    impls, weights = {}, {}
+    for path in ("unrolled", "stacked"):
+        _set_path(path)
+        activity_optim = optax.sgd(0.1)
+
+        def step(s, activity_optim=activity_optim):
+            out = jpc.make_pc_step(
+                model,
+                optim,
+                s,
+                y,
+                input=x,
+                skip_model=skip_model,
+                param_type="mupc",
+                activity_optim=activity_optim,
+                n_inference_steps=20,
+            )
+            return s, out["opt_state"]
+
+        out = jpc.make_pc_step(
+            model,
+            optim,
+            state,
+            y,
+            input=x,
+            skip_model=skip_model,
+            param_type="mupc",
+            activity_optim=activity_optim,
+            n_inference_steps=20,
+        )
+        weights[path] = jax.tree.leaves(eqx.filter(out["model"], eqx.is_array))
+        impls[path] = (step, state)
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(weights["stacked"], weights["unrolled"])
+    )
+    out = time_interleaved(impls, rounds, target=0.2)["stacked"]
+    return {"wall": out["paired_ratio"], "cpu": out["paired_cpu_ratio"], "diff": diff}
+
+
+def measure(depth: int, path: str, steps: int) -> dict:
+    """First-call and steady-state times of one configuration, in this process."""
+    import numpy as np
+    import optax
+
+    import jpc
+
+    _set_path(path)
+    model, skip_model, x, y, optim, state = _problem(depth)
     common = dict(input=x, skip_model=skip_model, param_type="mupc")
     activity_optim = optax.sgd(0.1)  # one object: a new one would recompile
     calls = {
@@ -85,14 +164,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument(
-        "--paths", nargs="+", default=["scan", "unrolled"], choices=["scan", "unrolled"]
+        "--paired",
+        type=int,
+        metavar="ROUNDS",
+        help="instead: make_pc_step's step time, stacked over unrolled, both in one "
+        "process per depth, alternated for this many rounds",
     )
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        depth, scan = int(args.one[0]), args.one[1] == "scan"
-        print(json.dumps(measure(depth, scan, args.steps)))
+        depth, path = int(args.one[0]), args.one[1]
+        if path == "paired":
+            print(json.dumps(paired(depth, args.paired)))
+        else:
+            print(json.dumps(measure(depth, path, args.steps)))
+        return
+    if args.paired:
+        print("| depth | stacked / unrolled, wall | CPU | largest weight difference |")
+        print("|---|---|---|---|")
+        for depth in args.depths:
+            command = [sys.executable, "-m", "benchmarks.compile_depth", "--one"]
+            command += [str(depth), "paired", "--paired", str(args.paired)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"| {depth} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['diff']:.1e} |")
         return
     header = "| depth | step | path | first call wall s | CPU s | trace s | MLIR s "
     print(header + "| XLA compile s | step ms |")

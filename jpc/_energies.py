@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _packed
 from ._checks import (
     LOSSES,
     check_activities,
@@ -51,6 +52,7 @@ def regulariser(
     weight_decay: Scalar = 0.0,
     spectral_penalty: Scalar = 0.0,
     activity_decay: Scalar = 0.0,
+    batch: int | None = None,
 ) -> Any:
     r"""$\frac{\lambda_w}{2}\sum\lVert W\rVert^2 + \frac{\lambda_s}{2}\sum\lVert W^\top
     W - I\rVert^2 + \frac{\lambda_z}{2}\sum_l \mathrm{mean}_i\lVert z_{l,i}\rVert^2$.
@@ -63,7 +65,8 @@ def regulariser(
     bias of `eqx.nn.Conv2d`). A kernel with more than
     two axes (e.g. a convolution's `(out, in, k, k)`) is read as the
     `(out, in·k·k)` matrix $W$, so $W^\top W$ is `(in·k·k, in·k·k)`. Terms whose
-    coefficient is a literal `0` are left out of the program.
+    coefficient is a literal `0` are left out of the program. `batch` is the batch
+    size (default: the leading axis of the first free activity).
     """
     total = 0.0
     weights = weight_matrices(model)
@@ -80,14 +83,21 @@ def regulariser(
             )
         )
     if not _is_zero(activity_decay) and free_activities:
-        batch = free_activities[0].shape[0]
+        batch = free_activities[0].shape[0] if batch is None else batch
         sq_norms = sum(jnp.sum(z**2) for z in free_activities)
         total += 0.5 * activity_decay * sq_norms / batch
     return total
 
 
 def check_energy_inputs(
-    params, activities, y, x, loss, param_type, names: tuple | None = None
+    params,
+    activities,
+    y,
+    x,
+    loss,
+    param_type,
+    names: tuple | None = None,
+    prediction: Any = None,
 ) -> None:
     """Trace-time checks shared by every function of the standard PC energy.
 
@@ -95,11 +105,14 @@ def check_energy_inputs(
     `("loss_id", "output", "input")`) used in the error messages. When the clamps
     are not called `y`/`x`, every layer's prediction shape is also checked here
     (with `jax.eval_shape`, so nothing is computed), since the energy itself would
-    report a misfit under the names `y`/`x`.
+    report a misfit under the names `y`/`x`; given the feedforward `prediction`
+    of the last layer (whose pass checked the others), only `y` against it.
     """
     loss_name, y_name, x_name = ("loss", "y", "x") if names is None else names
     check_option(loss_name, loss, LOSSES)
     check_option("param_type", param_type, ("sp", "mupc", "ntp"))
+    if isinstance(params[0], _packed.PackedNetwork):
+        return  # stacked inside a training step, from checked inputs
     if not isinstance(params, (tuple, list)) or len(params) != 2:
         raise TypeError(
             "`params` must be the pair `(model, skip_model)`, got "
@@ -109,7 +122,9 @@ def check_energy_inputs(
     check_model(model, skip_model)
     check_activities(model, activities, supervised=x is not None)
     check_batch(y, x, activities, y_name, x_name)
-    if (y_name, x_name) != ("y", "x"):
+    if prediction is not None:
+        check_shape(y_name, y, prediction.shape, "the prediction of the last layer")
+    elif (y_name, x_name) != ("y", "x"):
         _check_prediction_shapes(model, skip_model, activities, y, x, y_name, x_name)
 
 
@@ -144,14 +159,20 @@ def layer_energies(
     gamma: Any = None,
     output_energy_scaling: Any = None,
     hidden_energy_scaling: Any = None,
-) -> list[Array]:
-    """Energies `[E_1, ..., E_L]` of each layer (batch means, no regulariser).
+) -> list[Array] | Array:
+    """Energies `[E_1, ..., E_L]` of each layer (batch means, no regulariser): a
+    list of scalars, or one `(L,)` array for a `jpc._packed` network.
 
     The hidden terms `E_1..E_{L-1}` are weighted by the precisions
     `hidden_energy_scaling` (see `hidden_precisions`), the output term by
     `output_energy_scaling`.
     """
     model, skip_model = params
+    if isinstance(model, _packed.PackedNetwork):
+        kappas = hidden_precisions(hidden_energy_scaling, len(model) - 1)
+        return _packed.layer_energies(
+            model, activities, y, x, loss, output_energy_scaling, kappas
+        )
     inputs, names = layer_inputs(activities, x)
     scalings = get_param_scalings(
         model, inputs[0], skip_model=skip_model, param_type=param_type, gamma=gamma
@@ -281,11 +302,18 @@ def make_energy_kwargs(
     )
 
 
-def record_order(energies: list) -> list:
+def record_order(energies: list | Array) -> list | Array:
     """Reorder `[E_1, ..., E_L]` into the compatible `[E_L, E_2, ..., E_{L-1}, E_1]`."""
     if len(energies) == 1:
         return energies
+    if isinstance(energies, jax.Array):
+        return jnp.concatenate([energies[-1:], energies[1:-1], energies[:1]])
     return [energies[-1], *energies[1:-1], energies[0]]
+
+
+def energy_vector(energies: list | Array) -> Array:
+    """`[E_1, ..., E_L]` (a list of scalars, or one array already) as an array."""
+    return energies if isinstance(energies, jax.Array) else jnp.stack(energies)
 
 
 @traced_floats(*ENERGY_FLOATS)
@@ -368,7 +396,18 @@ def pc_energy_fn(
         hidden_energy_scaling,
     )
     if record_layers:
-        return jnp.stack(record_order(energies))
+        return energy_vector(record_order(energies))
     free = list(activities[:-1])
-    reg = regulariser(params[0], free, weight_decay, spectral_penalty, activity_decay)
-    return sum(energies) + reg
+    if isinstance(params[0], _packed.PackedNetwork):
+        # Inside a training step the weight terms are added to the parameters'
+        # energy (`jpc._updates.param_step`); the run's activities are one array.
+        reg = regulariser([], free, activity_decay=activity_decay, batch=y.shape[0])
+    else:
+        reg = regulariser(
+            params[0], free, weight_decay, spectral_penalty, activity_decay
+        )
+    return (
+        jnp.sum(energies) + reg
+        if isinstance(energies, jax.Array)
+        else sum(energies) + reg
+    )

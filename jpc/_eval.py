@@ -13,7 +13,7 @@ from ._checks import (
     check_random_init,
     traced_floats,
 )
-from ._energies import check_energy_inputs, layer_energies
+from ._energies import check_energy_inputs, energy_vector, layer_energies
 from ._grads import unpack_vector_field_args
 from ._infer import (
     DEFAULT_STEADY_STATE_ATOL,
@@ -59,7 +59,7 @@ def infer_energies(
 
     def at(activities):
         energies = layer_energies(params, activities, y, x, loss, param_type, *options)
-        return jnp.stack(energies)
+        return energy_vector(energies)
 
     energies = jax.vmap(at)(list(activities_iters)).T
     steps = jnp.arange(energies.shape[1])

@@ -79,24 +79,31 @@ def find_runs(layers: list, skips: list, scalings: list) -> dict[int, int]:
     if not ENABLED:
         return {}
     sigs = [_signature(*entry) for entry in zip(layers, skips, scalings)]
+    return runs_of(sigs, MIN_RUN)
+
+
+def runs_of(sigs: list, min_run: int) -> dict[int, int]:
+    """`{start: stop}` of each run of at least `min_run` equal signatures."""
     runs, start = {}, 0
     for i in range(1, len(sigs) + 1):
         if i == len(sigs) or not _same(sigs[i], sigs[start]):
-            if sigs[start] is not None and i - start >= MIN_RUN:
+            if sigs[start] is not None and i - start >= min_run:
                 runs[start] = i
             start = i
     return runs
 
 
-def _stack(layers: list, skips: list, scalings: list) -> tuple:
+def _stack(
+    layers: list, skips: list, scalings: list, stack: Callable = jnp.stack
+) -> tuple:
     """Stacked array leaves, the shared static part and the scan's scalings."""
     pairs = zip(layers, skips)
     parts = [eqx.partition(pair, eqx.is_array) for pair in pairs]
-    dynamic = jtu.tree_map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
+    dynamic = jtu.tree_map(lambda *xs: stack(xs), *[p[0] for p in parts])
     static = parts[0][1]
     if _scale_key(scalings[0])[0] == "const":
         return dynamic, static, scalings[0], None
-    return dynamic, static, None, jnp.stack(scalings)
+    return dynamic, static, None, stack(scalings)
 
 
 def _body(predict: Callable, static: Any, const: Any) -> Callable:

@@ -9,6 +9,7 @@ import equinox as eqx
 import jax.numpy as jnp
 import optax
 
+from . import _packed
 from ._checks import (
     LOSSES,
     check_batch,
@@ -21,6 +22,7 @@ from ._checks import (
 from ._energies import (
     check_energy_inputs,
     energy_options,
+    energy_vector,
     layer_energies,
     make_energy_kwargs,
     record_order,
@@ -297,11 +299,30 @@ def _final_energies(params, final, output, input, energy_kwargs) -> Array:
     energies = layer_energies(
         params, final, output, input, *energy_options(energy_kwargs)
     )
-    return jnp.stack(record_order(energies))
+    return energy_vector(record_order(energies))
 
 
 def _norms(requested: bool, tree, like=None) -> Array | None:
     return leaf_norms(tree, like) if requested and tree is not None else None
+
+
+def packer(params, input, param_type, gamma, activity_optim, nudging):
+    """`(model, skip_model) -> ` the `jpc._packed` network of a training step, or
+    `None` to keep every layer apart: runs of identical layers are held stacked
+    for supervised steps with discrete inference and no nudging, if enabled."""
+    if not _packed.ENABLED or activity_optim is None or nudging is not None:
+        return None
+    if input is None:
+        return None
+
+    def pack(p):
+        model, skip_model = p
+        scalings = get_param_scalings(
+            model, input, skip_model=skip_model, param_type=param_type, gamma=gamma
+        )
+        return _packed.pack_network(model, skip_model, scalings, input)
+
+    return pack if pack(params) is not None else None
 
 
 @traced_floats(*ENERGY_FLOATS, "sigma", "beta", "activity_lr", *STOP_FLOATS)
@@ -435,7 +456,6 @@ def make_pc_step(
     check_model(model, skip_model)
     check_opt_state(optim, opt_state, (model, skip_model))
     check_inference_options(activity_optim, n_inference_steps)
-    activity_optim = with_activity_lr(activity_optim, activity_lr)
     if nudging is not None:
         check_option("nudging", nudging, NUDGINGS)
         check_beta(beta)
@@ -450,16 +470,34 @@ def make_pc_step(
         output_energy_scaling,
         hidden_energy_scaling,
     )
-    activities, prediction = initial_activities(
-        model,
-        skip_model,
-        output,
-        input,
-        param_type,
-        gamma,
-        (key, layer_sizes, batch_size, sigma),
-    )
-    check_energy_inputs(params, activities, output, input, loss_id, param_type, NAMES)
+    pack = packer(params, input, param_type, gamma, activity_optim, nudging)
+    net = None if pack is None else pack(params)
+    if net is not None:
+        # Runs of identical layers held stacked for the whole step (`jpc._packed`).
+        activities = _packed.feedforward(net, input)
+        prediction = activities[-1]
+        if not _packed.elementwise(activity_optim, net, activities):
+            pack = net = None
+    if net is None:
+        activities, prediction = initial_activities(
+            model,
+            skip_model,
+            output,
+            input,
+            param_type,
+            gamma,
+            (key, layer_sizes, batch_size, sigma),
+        )
+    if net is None:
+        check_energy_inputs(
+            params, activities, output, input, loss_id, param_type, NAMES
+        )
+    else:  # the feedforward pass has checked the hidden layers' shapes
+        placeholders = _packed.shapes(net, activities)
+        check_energy_inputs(
+            params, placeholders, output, input, loss_id, param_type, NAMES, prediction
+        )
+    activity_optim = with_activity_lr(activity_optim, activity_lr)
     ode = (ode_solver, max_t1, dt, stepsize_controller, record_every)
     discrete = None if activity_optim is None else (activity_optim, n_inference_steps)
     if discrete is not None:  # the ODE path checks them in `solve`
@@ -470,7 +508,7 @@ def make_pc_step(
     recording = (record_activities, record_energies)
     if nudging is None:
         (trajectory, energies), final, t_max, reached = infer_recorded(
-            params,
+            params if net is None else (net, None),
             activities,
             output,
             input,
@@ -481,7 +519,7 @@ def make_pc_step(
             stop,
         )
         energy, new_model, new_skip, grads, opt_state = param_step(
-            params, final, optim, opt_state, output, input, **energy_kwargs
+            params, final, optim, opt_state, output, input, pack, **energy_kwargs
         )
     else:
         phases, *update = nudged_param_step(
@@ -509,15 +547,22 @@ def make_pc_step(
     supervised = prediction is not None
     if energies is None:
         final_kwargs = dict(energy_kwargs, output_energy_scaling=output_energy_scaling)
-        energies = _final_energies(params, final, output, input, final_kwargs)
+        energy_params = params if net is None else (net, None)
+        energies = _final_energies(energy_params, final, output, input, final_kwargs)
+    if net is not None:  # the user's lists of arrays, split once
+        trajectory = _packed.unpack(net, trajectory, axis=1)
+        final = _packed.unpack(net, final)
     if t_max is None:
         t_max = jnp.asarray(0)
     acc = None
     if supervised and calculate_accuracy:
         # The accuracy of the updated model, as in the JPC library.
-        updated = initial_activities(
-            new_model, new_skip, output, input, param_type, gamma, None
-        )[1]
+        if net is None:
+            updated = initial_activities(
+                new_model, new_skip, output, input, param_type, gamma, None
+            )[1]
+        else:
+            updated = _packed.feedforward(pack((new_model, new_skip)), input)[-1]
         acc = compute_accuracy(output, updated)
     result = PCStepResult(
         model=new_model,

@@ -9,7 +9,7 @@ import jax.tree_util as jtu
 import optax
 
 from ._checks import check_opt_state, traced_floats
-from ._energies import ENERGY_FLOATS, check_energy_inputs
+from ._energies import ENERGY_FLOATS, check_energy_inputs, pc_energy_fn, regulariser
 from ._grads import _param_value_and_grad, compute_pc_activity_grad
 from ._types import Activities, Array, Float, LossId, Params, ParamType, PyTree, Scalar
 
@@ -151,11 +151,32 @@ def activity_step(params, activities, optim, opt_state, y, x, **energy_kwargs):
     return energy, activities, grads, opt_state
 
 
-def param_step(params, activities, optim, opt_state, y, x, **energy_kwargs):
-    """One optimiser step on `(model, skip_model)` at fixed activities."""
+def param_step(
+    params, activities, optim, opt_state, y, x, network=None, **energy_kwargs
+):
+    """One optimiser step on `(model, skip_model)` at fixed activities.
+
+    `network`, when given, maps `(model, skip_model)` to the `jpc._packed`
+    network that `activities` are laid out for; the gradients are then those of
+    the user's layers all the same (the transpose of the stacking).
+    """
     loss_id = energy_kwargs.pop("loss_id")
 
+    def packed_energy(p):
+        energy = pc_energy_fn(
+            (network(p), None), activities, y, x=x, loss=loss_id, **energy_kwargs
+        )
+        weights = regulariser(
+            p[0],
+            [],
+            energy_kwargs.get("weight_decay", 0.0),
+            energy_kwargs.get("spectral_penalty", 0.0),
+        )
+        return energy + weights
+
     def value_and_grad(p):
+        if network is not None:
+            return eqx.filter_value_and_grad(packed_energy)(p)
         return _param_value_and_grad(
             p, activities, y, x=x, loss=loss_id, **energy_kwargs
         )
