@@ -2,14 +2,15 @@
 
     python -m benchmarks.compile_depth [--depths 8 32 128] [--steps 5]
                                        [--paths stacked scan unrolled]
+                                       [--optim adam|sgd]
     python -m benchmarks.compile_depth --paired ROUNDS [--depths ...]
 
 A μPC residual MLP (width 64, ReLU, identity skips, batch 32): for each depth,
 the first call (trace + compile + one run) and the median steady-state call of
 `jpc.make_pc_step` (discrete inference, `optax.sgd(0.1)` on the activities, 20
 steps) and of `jpc.make_bp_step`, with the hidden layers and their activities
-held stacked for the whole step ("stacked", `jpc._packed`: the default of
-`make_pc_step`), traced as one `jax.lax.scan` at each evaluation of the energy
+held stacked for the whole step ("stacked", `jpc.set_layer_stacking`, here
+for runs of any length), traced as one `jax.lax.scan` at each evaluation of the energy
 ("scan", `jpc._stacked`) and unrolled layer by layer ("unrolled"). Each
 (depth, path) pair runs in a fresh process, so no compiled program is reused
 and both the wall time and the process CPU time of the first call are reported,
@@ -43,11 +44,11 @@ PATHS = ("stacked", "scan", "unrolled")
 def _set_path(path: str) -> None:
     from jpc import _packed, _stacked
 
-    _packed.ENABLED = path == "stacked"
+    _packed.MIN_RUN = _packed.ALWAYS if path == "stacked" else None
     _stacked.ENABLED = path == "scan"
 
 
-def _problem(depth: int):
+def _problem(depth: int, optimiser: str = "adam"):
     import equinox as eqx
     import jax
     import jax.random as jr
@@ -62,7 +63,7 @@ def _problem(depth: int):
     skip_model = jpc.make_skip_model(depth)
     x = jr.normal(k_x, (BATCH, D_IN))
     y = jax.nn.one_hot(jr.randint(k_y, (BATCH,), 0, D_OUT), D_OUT)
-    optim = optax.adam(1e-3)
+    optim = getattr(optax, optimiser)(1e-3)
     state = optim.init((eqx.filter(model, eqx.is_array), skip_model))
     return model, skip_model, x, y, optim, state
 
@@ -125,7 +126,7 @@ def paired(depth: int, rounds: int) -> dict:
     return {"wall": out["paired_ratio"], "cpu": out["paired_cpu_ratio"], "diff": diff}
 
 
-def measure(depth: int, path: str, steps: int) -> dict:
+def measure(depth: int, path: str, steps: int, optimiser: str = "adam") -> dict:
     """First-call and steady-state times of one configuration, in this process."""
     import numpy as np
     import optax
@@ -133,7 +134,7 @@ def measure(depth: int, path: str, steps: int) -> dict:
     import jpc
 
     _set_path(path)
-    model, skip_model, x, y, optim, state = _problem(depth)
+    model, skip_model, x, y, optim, state = _problem(depth, optimiser)
     common = dict(input=x, skip_model=skip_model, param_type="mupc")
     activity_optim = optax.sgd(0.1)  # one object: a new one would recompile
     calls = {
@@ -172,6 +173,12 @@ def main() -> None:
         help="instead: make_pc_step's step time, stacked over unrolled, both in one "
         "process per depth, alternated for this many rounds",
     )
+    parser.add_argument(
+        "--optim",
+        default="adam",
+        choices=["adam", "sgd"],
+        help="the parameter optimiser (learning rate 1e-3); default adam",
+    )
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -179,7 +186,7 @@ def main() -> None:
         if path == "paired":
             print(json.dumps(paired(depth, args.paired)))
         else:
-            print(json.dumps(measure(depth, path, args.steps)))
+            print(json.dumps(measure(depth, path, args.steps, args.optim)))
         return
     if args.paired:
         print("| depth | stacked / unrolled, wall | CPU | largest weight difference |")
@@ -198,6 +205,7 @@ def main() -> None:
         for path in args.paths:
             command = [sys.executable, "-m", "benchmarks.compile_depth", "--one"]
             command += [str(depth), path, "--steps", str(args.steps)]
+            command += ["--optim", args.optim]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
             for step, r in result.items():

@@ -47,6 +47,7 @@ from ._layer_learning import (
 from ._layers import (
     get_param_scalings as get_param_scalings,
 )
+from ._packed import set_layer_stacking as set_layer_stacking
 from ._perturbation import (
     compute_np_param_grads as compute_np_param_grads,
     compute_wp_param_grads as compute_wp_param_grads,

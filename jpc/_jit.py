@@ -508,6 +508,16 @@ def _report_pending_at_exit() -> None:
 atexit.register(_report_pending_at_exit)
 
 
+_caches: list[dict] = []  # the program cache of every `lean_jit` function
+
+
+def forget_compiled() -> None:
+    """Drop every program compiled by a `lean_jit` function: the next call of each
+    traces and compiles again (after a setting read at trace time changed)."""
+    for cache in _caches:
+        cache.clear()
+
+
 def deferred_checks(fn: Callable) -> Callable:
     """Mark `fn` (before `lean_jit`) as a training step whose checks may be
     reported at its next call (see `set_step_error_timing`)."""
@@ -528,6 +538,7 @@ def lean_jit(fn: Callable) -> Callable:
     `jitted.lower(*args, **kwargs)` gives the program of a call, for inspection.
     """
     cache: dict = {}  # (treedef, slots) -> [jitted, wait or None (undecided)]
+    _caches.append(cache)
     deferred = getattr(fn, "_jpc_deferred_checks", False)
     name = getattr(fn, "__name__", "jitted function")
     wrong = wrong_spellings(fn)

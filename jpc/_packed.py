@@ -1,23 +1,29 @@
-"""Activities of a run of identical layers held as one array for a whole step.
+"""Runs of identical layers held stacked, with their activities, for a whole step.
 
 The hidden blocks of a deep network (those of [`jpc.make_mlp`][], with or without
 the identity skips of [`jpc.make_skip_model`][], any parameterisation) share one
 structure. Here such a run is a [`Run`][]: the array leaves of its layers stacked
 along a new leading axis. Its activities are likewise one `(n, batch, ...)` array,
-from the feedforward pass through every inference step to the parameter update,
-and the feedforward pass and the energy's predictions are each one
-`jax.lax.scan` whose body is traced once, whatever the depth. The list of layers
-the user holds, and the list of activities returned, are unchanged: the network is
-stacked when a step is traced, the activities are split into the list once, at the
-end of the step, and the parameter gradients are split by the transpose of the
-stacking.
+from the feedforward pass through every inference step to the parameter update.
+The feedforward pass is one `jax.lax.scan` over the run and the energy's
+predictions (which, given the activities, do not depend on each other) one
+`jax.vmap` over it, so either is traced once, whatever the length of the run. The
+list of layers the user holds, and the list of activities returned, are
+unchanged: the network is stacked when a step is traced, the activities are split
+into the list once, at the end of the step, and the parameter gradients are split
+by the transpose of the stacking ([`stack`][]).
 
 Unlike `jpc._stacked`'s scans (which stack and split at every evaluation of the
-energy), nothing here is split inside the inference loop, so the compiled program
-does not grow with the length of the run.
+energy), nothing is split inside the inference loop, and the splits that remain
+take indices the compiler cannot fold ([`split`][]), so the compiled program does
+not grow with the length of the run, apart from what is per layer by the
+interface: the user's parameter optimiser updating each layer's arrays.
 
-The feedforward pass and the predictions run the same scan body, so the hidden
-errors at the feedforward state are exactly 0, as in the unrolled program.
+The predictions apply the layer function of the feedforward pass, mapped over the
+layers: on the CPU backend the hidden errors at the feedforward state come out
+exactly 0, as in the unrolled program (`tests/test_packed.py`); a backend whose
+batched matrix products round differently from single ones would leave errors of
+the order of the rounding there instead.
 """
 
 from functools import partial
@@ -28,17 +34,81 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._jit import forget_compiled
 from ._layers import predict, skip_at
 from ._stacked import _body, _fits, _signature, _stack, runs_of
 from ._types import Array
 from ._utils import LOSS_FNS
 
 
-# Private switch, read at trace time: whether `make_pc_step` with discrete inference
-# holds runs of identical layers stacked (see the module docstring).
-ENABLED = True
-VMAP = True
-MIN_RUN = 4
+# Read at trace time (see `set_layer_stacking`): the shortest run of identical
+# layers that `make_pc_step` with discrete inference holds stacked; `None`: none.
+MIN_RUN: int | None = 64
+ALWAYS = 4  # the shortest run the tests and benchmarks stack
+
+
+def set_layer_stacking(min_layers: int | None) -> int | None:
+    """Choose which deep networks have their hidden layers held stacked.
+
+    In a training step of [`jpc.make_pc_step`][] with discrete inference
+    (`activity_optim` and `n_inference_steps`), supervised and without
+    `nudging`, each run of at least `min_layers` consecutive layers of one
+    structure (the hidden blocks of [`jpc.make_mlp`][], with or without the skips
+    of [`jpc.make_skip_model`][], in any parameterisation) is held as one stack
+    of parameters, and its activities as one array, from the feedforward pass to
+    the parameter update: the feedforward pass is one `jax.lax.scan` and the
+    energy's predictions one `jax.vmap` over the layers, so the compiled program
+    stops growing with the depth of the run. The model, the optimiser state and
+    the activities you pass and get back are the same lists as always, and the
+    results are those of the layer-by-layer program to floating-point rounding.
+
+    The activity optimiser then updates the stacked activities as one array: the
+    same as layer by layer for elementwise optimisers (SGD, momentum, Adam,
+    global-norm clipping); an optimiser that treats each array as a whole (a norm
+    or factorisation per array, such as `optax.lars` or `optax.adafactor`) is
+    detected when the step is traced and keeps the layers apart.
+
+    Measured on a 2-core CPU with a μPC residual MLP of width 64 (see the
+    performance page): at 128 layers the first call took 0.41–0.52× the
+    layer-by-layer program's and the step was as fast; at 16 to 32 layers the
+    step was up to 1.3× slower in wall time (the layer-by-layer program runs
+    independent layers on both cores at once), hence the default of 64. On an
+    accelerator shorter runs may pay off too (not measured).
+
+    **Arguments:**
+
+    - `min_layers`: the shortest run that is stacked (at least 2); `None` turns
+        stacking off. The default setting is 64.
+
+    **Returns:**
+
+    The previous setting, so that it can be restored.
+
+    **Raises:**
+
+    `ValueError` if `min_layers` is neither `None` nor an integer of at least 2.
+
+    !!! note
+        The setting is read when a step is traced. Changing it drops the programs
+        that `jpc`'s own functions have compiled, so their next calls compile
+        again; a function of yours that you compiled with `jax.jit` around a step
+        keeps the setting it was traced with.
+    """
+    ok = min_layers is None or (
+        isinstance(min_layers, (int, np.integer))
+        and not isinstance(min_layers, bool)
+        and min_layers >= 2
+    )
+    if not ok:
+        raise ValueError(
+            "`min_layers` must be None or an integer of at least 2, got "
+            f"{min_layers!r}."
+        )
+    global MIN_RUN
+    previous, MIN_RUN = MIN_RUN, None if min_layers is None else int(min_layers)
+    if MIN_RUN != previous:
+        forget_compiled()
+    return previous
 
 
 class Run(eqx.Module):
@@ -51,22 +121,20 @@ class Run(eqx.Module):
     start: int = eqx.field(static=True)
     stop: int = eqx.field(static=True)
 
-    def scan(self, z: Array, inputs: Array | None = None) -> tuple[Array, Array]:
-        """Carry `z` through the run (`inputs=None`: the feedforward pass) or
-        predict each layer from its own input in `inputs` (`(n, batch, ...)`).
-
-        Returns the last output and the `(n, batch, ...)` outputs."""
+    def feedforward(self, z: Array) -> tuple[Array, Array]:
+        """Carry `z` through the run: the last output and all `(n, batch, ...)`."""
         apply = _body(predict, self.static, self.const)
 
-        def step(z, xs):
-            *params, given = xs
-            out = apply(*params, z if inputs is None else given)
+        def step(z, params):
+            out = apply(*params, z)
             return out, out
 
-        if inputs is not None and VMAP:
-            outs = jax.vmap(apply)(self.dynamic, self.scales, inputs)
-            return outs[-1], outs
-        return jax.lax.scan(step, z, (self.dynamic, self.scales, inputs))
+        return jax.lax.scan(step, z, (self.dynamic, self.scales))
+
+    def predictions(self, inputs: Array) -> Array:
+        """Each layer's prediction from its own input in `inputs`, `(n, batch, ...)`."""
+        apply = _body(predict, self.static, self.const)
+        return jax.vmap(apply)(self.dynamic, self.scales, inputs)
 
 
 class PackedNetwork(eqx.Module):
@@ -91,7 +159,7 @@ def _opaque_indices(n: int, probe: Array) -> tuple[Array, ...]:
     leaves them unchanged. Folded (constant) indices would make each slice of
     [`split`][], and whatever it is fused with, a kernel of its own.
     """
-    first = jnp.ravel(probe)[0]
+    first = probe[(0,) * probe.ndim]
     trips = (first != first).astype(jnp.int32)
 
     def body(carry):
@@ -134,6 +202,8 @@ def find_runs(model, skip_model, scalings) -> dict[int, int]:
     """`{start: stop}` of the runs of at least `MIN_RUN` identical hidden layers.
 
     The last layer, whose output is clamped, is never part of a run."""
+    if MIN_RUN is None:
+        return {}
     n = len(model)
     sigs = [_signature(model[i], skip_at(skip_model, i), scalings[i]) for i in range(n)]
     return runs_of(sigs[:-1], MIN_RUN)
@@ -171,7 +241,7 @@ def feedforward(net: PackedNetwork, x: Array) -> list[Array]:
     outputs, z = [], x
     for entry in net.entries:
         if isinstance(entry, Run):
-            z, outs = entry.scan(z)
+            z, outs = entry.feedforward(z)
             outputs.append(outs)
         else:
             z = predict(*entry, z)
@@ -196,7 +266,7 @@ def layer_energies(
     for entry, a in zip(net.entries[:-1], activities[:-1]):
         if isinstance(entry, Run):
             inputs = jnp.concatenate([z[None], a[:-1]])
-            _, preds = entry.scan(z, inputs)
+            preds = entry.predictions(inputs)
             axes = tuple(range(1, a.ndim))
             run = 0.5 * jnp.sum((a - preds) ** 2, axis=axes) / batch
             k = kappas[entry.start : entry.stop]

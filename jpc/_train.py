@@ -309,10 +309,9 @@ def _norms(requested: bool, tree, like=None) -> Array | None:
 def packer(params, input, param_type, gamma, activity_optim, nudging):
     """`(model, skip_model) -> ` the `jpc._packed` network of a training step, or
     `None` to keep every layer apart: runs of identical layers are held stacked
-    for supervised steps with discrete inference and no nudging, if enabled."""
-    if not _packed.ENABLED or activity_optim is None or nudging is not None:
-        return None
-    if input is None:
+    for supervised steps with discrete inference and no nudging (see
+    [`jpc.set_layer_stacking`][])."""
+    if activity_optim is None or nudging is not None or input is None:
         return None
 
     def pack(p):

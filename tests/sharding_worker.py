@@ -55,6 +55,10 @@ def steps(model, generator):
             m, optim, s, y, input=x, weight_decay=1e-3, **discrete
         ),
         "make_bp_step": lambda m, s, x, y: jpc.make_bp_step(m, optim, s, y, input=x),
+        # a deep μPC network whose hidden layers are held stacked (see `main`)
+        "make_pc_step (stacked)": lambda m, s, x, y: jpc.make_pc_step(
+            m[0], optim, s, y, input=x, skip_model=m[1], param_type="mupc", **discrete
+        ),
     }
     if hasattr(jpc, "make_ipc_step"):
         out["make_ipc_step"] = lambda m, s, x, y: jpc.make_ipc_step(
@@ -140,6 +144,11 @@ def main(names: list[str]) -> int:
     mesh = jpc.make_data_mesh()
     check_batch_error(mesh, x)
     fns, state, hpc_state = steps(model, generator)
+    jpc.set_layer_stacking(4)  # the run of 6 hidden layers below is stacked
+    d_in, width, _, d_out = WIDTHS
+    deep = jpc.make_mlp(jr.PRNGKey(1), d_in, width, 8, d_out, "relu", use_bias=True)
+    deep = (deep, jpc.make_skip_model(8))
+    deep_state = optax.adam(1e-2).init((eqx.filter(deep[0], eqx.is_array), deep[1]))
     x_sh, y_sh = jpc.shard_batch((x, y), mesh)
     assert not x_sh.sharding.is_fully_replicated
     assert x_sh.addressable_shards[0].data.shape == (B // 4, x.shape[1])
@@ -150,6 +159,8 @@ def main(names: list[str]) -> int:
         m, s = (model, state)
         if name == "make_hpc_step":
             m, s = (generator, model), hpc_state
+        if name == "make_pc_step (stacked)":
+            m, s = deep, deep_state
         single = fn(m, s, x, y)
         sharded = fn(jpc.replicate(m, mesh), jpc.replicate(s, mesh), x_sh, y_sh)
         diff = max_rel_diff(single, sharded)

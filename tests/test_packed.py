@@ -32,11 +32,17 @@ def problem(skip, depth=DEPTH, dtype=jnp.float64, act="tanh", key=jr.PRNGKey(0))
     return model, skip_model, x, y
 
 
+@pytest.fixture(autouse=True)
+def stacked(monkeypatch):
+    """Runs of four identical layers or more are stacked (the default is longer)."""
+    monkeypatch.setattr(_packed, "MIN_RUN", _packed.ALWAYS)
+
+
 def unrolled(fn):
     """`fn()` with every layer apart, run op by op (no compiled program, which
     would be one traced with the stacked layers and reused)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_packed, "ENABLED", False)
+        patch.setattr(_packed, "MIN_RUN", None)
         patch.setattr(_stacked, "ENABLED", False)
         with jax.disable_jit():
             return fn()
@@ -143,6 +149,7 @@ OPTIONS = {
         hidden_energy_scaling=[float(k) for k in np.linspace(0.5, 2.0, DEPTH - 1)],
         output_energy_scaling=2.0,
         activity_lr=0.5,
+        gamma=1.5,
     ),
 }
 
@@ -256,3 +263,50 @@ def test_hidden_errors_exactly_zero_at_the_feedforward_state():
     # record order: the output energy first, then the hidden ones
     assert out[0] > 0
     assert np.all(np.asarray(out[1:]) == 0.0)
+
+
+def test_set_layer_stacking():
+    """The public setting: validated, returns the previous value, drops compiled
+    programs so that the next call of a step is traced with the new setting."""
+    model, skips, x, y = problem(skip=True)
+    optim = optax.sgd(1e-2)
+    state = optim.init((eqx.filter(model, eqx.is_array), skips))
+    activity_optim = optax.sgd(0.1)
+    traced = []
+    original = _packed.feedforward
+
+    def spy(*args):
+        traced.append(1)
+        return original(*args)
+
+    def step():
+        return jpc.make_pc_step(
+            model,
+            optim,
+            state,
+            y,
+            input=x,
+            skip_model=skips,
+            activity_optim=activity_optim,
+            n_inference_steps=2,
+        )
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_packed, "feedforward", spy)
+        previous = jpc.set_layer_stacking(None)
+        try:
+            assert previous == _packed.ALWAYS
+            step()
+            assert not traced  # off: the layers are apart
+            assert jpc.set_layer_stacking(6) is None
+            step()
+            assert traced  # a run of 6 hidden layers: stacked, traced again
+            count = len(traced)
+            assert jpc.set_layer_stacking(7) == 6
+            step()
+            assert len(traced) == count  # the run is too short now
+        finally:
+            jpc.set_layer_stacking(previous)
+    for bad in (1, 0, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="min_layers"):
+            jpc.set_layer_stacking(bad)
