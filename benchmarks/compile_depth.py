@@ -69,11 +69,12 @@ def _problem(depth: int, optimiser: str = "adam"):
 
 
 def paired(depth: int, rounds: int) -> dict:
-    """`make_pc_step`'s step time, stacked over unrolled, both in this process.
+    """Step time, stacked over unrolled, of `make_pc_step` and of `make_bp_step`,
+    each pair in this process.
 
-    Each program is compiled under its own path (with its own activity
-    optimiser object, so that the two are separate compiled programs), then
-    `benchmarks.run.time_interleaved` alternates them in rounds of about 0.2 s
+    Each program is compiled under its own path (with its own optimiser objects,
+    so that the two are separate compiled programs), then
+    `benchmarks.run.time_interleaved` alternates the two in rounds of about 0.2 s
     and gives the median over rounds of the per-round ratio (wall and process
     CPU time). Also the largest difference between the updated weights.
     """
@@ -85,45 +86,36 @@ def paired(depth: int, rounds: int) -> dict:
     import jpc
     from benchmarks.run import time_interleaved
 
-    model, skip_model, x, y, optim, state = _problem(depth)
-    impls, weights = {}, {}
-    for path in ("unrolled", "stacked"):
-        _set_path(path)
-        activity_optim = optax.sgd(0.1)
+    model, skip_model, x, y, _, state = _problem(depth)
+    common = dict(input=x, skip_model=skip_model, param_type="mupc")
+    result = {}
+    for name in ("pc", "bp"):
+        impls, weights = {}, {}
+        for path in ("unrolled", "stacked"):
+            _set_path(path)
+            optim, activity_optim = optax.adam(1e-3), optax.sgd(0.1)
+            if name == "pc":
+                kw = dict(activity_optim=activity_optim, n_inference_steps=20)
 
-        def step(s, activity_optim=activity_optim):
-            out = jpc.make_pc_step(
-                model,
-                optim,
-                s,
-                y,
-                input=x,
-                skip_model=skip_model,
-                param_type="mupc",
-                activity_optim=activity_optim,
-                n_inference_steps=20,
-            )
-            return s, out["opt_state"]
+                def call(s, optim=optim, kw=kw):
+                    return jpc.make_pc_step(model, optim, s, y, **kw, **common)
+            else:
 
-        out = jpc.make_pc_step(
-            model,
-            optim,
-            state,
-            y,
-            input=x,
-            skip_model=skip_model,
-            param_type="mupc",
-            activity_optim=activity_optim,
-            n_inference_steps=20,
+                def call(s, optim=optim):
+                    return jpc.make_bp_step(model, optim, s, y, **common)
+
+            out = call(state)
+            weights[path] = jax.tree.leaves(eqx.filter(out["model"], eqx.is_array))
+            impls[path] = (lambda s, call=call: (s, call(s)["opt_state"]), state)
+        diff = max(
+            float(jnp.max(jnp.abs(a - b)))
+            for a, b in zip(weights["stacked"], weights["unrolled"])
         )
-        weights[path] = jax.tree.leaves(eqx.filter(out["model"], eqx.is_array))
-        impls[path] = (step, state)
-    diff = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(weights["stacked"], weights["unrolled"])
-    )
-    out = time_interleaved(impls, rounds, target=0.2)["stacked"]
-    return {"wall": out["paired_ratio"], "cpu": out["paired_cpu_ratio"], "diff": diff}
+        out = time_interleaved(impls, rounds, target=0.2)["stacked"]
+        result[name] = dict(
+            wall=out["paired_ratio"], cpu=out["paired_cpu_ratio"], diff=diff
+        )
+    return result
 
 
 def measure(depth: int, path: str, steps: int, optimiser: str = "adam") -> dict:
@@ -189,14 +181,16 @@ def main() -> None:
             print(json.dumps(measure(depth, path, args.steps, args.optim)))
         return
     if args.paired:
-        print("| depth | stacked / unrolled, wall | CPU | largest weight difference |")
-        print("|---|---|---|---|")
+        print("| depth | step | stacked / unrolled, wall | CPU | weight difference |")
+        print("|---|---|---|---|---|")
         for depth in args.depths:
             command = [sys.executable, "-m", "benchmarks.compile_depth", "--one"]
             command += [str(depth), "paired", "--paired", str(args.paired)]
             out = subprocess.run(command, capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"| {depth} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['diff']:.1e} |")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            for step, r in result.items():
+                cells = f"{r['wall']:.2f} | {r['cpu']:.2f} | {r['diff']:.1e}"
+                print(f"| {depth} | {step} | {cells} |")
         return
     header = "| depth | step | path | first call wall s | CPU s | trace s | MLIR s "
     print(header + "| XLA compile s | step ms |")

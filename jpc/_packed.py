@@ -15,9 +15,10 @@ by the transpose of the stacking ([`stack`][]).
 
 Unlike `jpc._stacked`'s scans (which stack and split at every evaluation of the
 energy), nothing is split inside the inference loop, and the splits that remain
-take indices the compiler cannot fold ([`split`][]), so the compiled program does
-not grow with the length of the run, apart from what is per layer by the
-interface: the user's parameter optimiser updating each layer's arrays.
+take indices the compiler cannot fold ([`split`][]), so that each is one kernel
+whatever the length of the run. What remains per layer is what the interface
+makes so: each layer's parameter update (the optimiser state is the user's) and
+the split into the lists returned.
 
 The predictions apply the layer function of the feedforward pass, mapped over the
 layers: on the CPU backend the hidden errors at the feedforward state come out
@@ -42,7 +43,7 @@ from ._utils import LOSS_FNS
 
 
 # Read at trace time (see `set_layer_stacking`): the shortest run of identical
-# layers that `make_pc_step` with discrete inference holds stacked; `None`: none.
+# layers that `make_pc_step` (discrete inference) and `make_bp_step` hold stacked.
 MIN_RUN: int | None = 64
 ALWAYS = 4  # the shortest run the tests and benchmarks stack
 
@@ -52,13 +53,14 @@ def set_layer_stacking(min_layers: int | None) -> int | None:
 
     In a training step of [`jpc.make_pc_step`][] with discrete inference
     (`activity_optim` and `n_inference_steps`), supervised and without
-    `nudging`, each run of at least `min_layers` consecutive layers of one
+    `nudging`, and of [`jpc.make_bp_step`][], each run of at least `min_layers`
+    consecutive layers of one
     structure (the hidden blocks of [`jpc.make_mlp`][], with or without the skips
     of [`jpc.make_skip_model`][], in any parameterisation) is held as one stack
     of parameters, and its activities as one array, from the feedforward pass to
     the parameter update: the feedforward pass is one `jax.lax.scan` and the
-    energy's predictions one `jax.vmap` over the layers, so the compiled program
-    stops growing with the depth of the run. The model, the optimiser state and
+    energy's predictions one `jax.vmap` over the layers, so the compile time grows
+    much more slowly with the depth of the run. The model, the optimiser state and
     the activities you pass and get back are the same lists as always, and the
     results are those of the layer-by-layer program to floating-point rounding.
 

@@ -306,12 +306,11 @@ def _norms(requested: bool, tree, like=None) -> Array | None:
     return leaf_norms(tree, like) if requested and tree is not None else None
 
 
-def packer(params, input, param_type, gamma, activity_optim, nudging):
-    """`(model, skip_model) -> ` the `jpc._packed` network of a training step, or
-    `None` to keep every layer apart: runs of identical layers are held stacked
-    for supervised steps with discrete inference and no nudging (see
-    [`jpc.set_layer_stacking`][])."""
-    if activity_optim is None or nudging is not None or input is None:
+def packer(params, input, param_type, gamma):
+    """`(model, skip_model) ->` the network with its long runs of identical layers
+    stacked (`jpc._packed`, see [`jpc.set_layer_stacking`][]), or `None` if it
+    has none (or is unsupervised) and every layer stays apart."""
+    if input is None:
         return None
 
     def pack(p):
@@ -469,7 +468,9 @@ def make_pc_step(
         output_energy_scaling,
         hidden_energy_scaling,
     )
-    pack = packer(params, input, param_type, gamma, activity_optim, nudging)
+    pack = None  # discrete inference only: the ODE stop works per layer
+    if activity_optim is not None and nudging is None:
+        pack = packer(params, input, param_type, gamma)
     net = None if pack is None else pack(params)
     if net is not None:
         # Runs of identical layers held stacked for the whole step (`jpc._packed`).
@@ -618,7 +619,9 @@ def make_bp_step(
     """One backprop step on the same list-of-layers model (the baseline).
 
     The forward pass uses the same scalings and skips as PC; the loss is
-    [`jpc.mse_loss`][] or [`jpc.cross_entropy_loss`][] of its prediction.
+    [`jpc.mse_loss`][] or [`jpc.cross_entropy_loss`][] of its prediction. A long
+    run of identical hidden layers is traced as one stack (see
+    [`jpc.set_layer_stacking`][]).
 
     **Arguments:**
 
@@ -645,14 +648,19 @@ def make_bp_step(
     check_opt_state(optim, opt_state, (model, skip_model))
     check_batch(output, input, [], y_name="output", x_name="input")
 
+    params = (model, skip_model)
+    pack = packer(params, input, param_type, None)
+
     def loss_fn(params):
-        m, s = params
-        scalings = get_param_scalings(m, input, skip_model=s, param_type=param_type)
-        prediction = feedforward(m, input, s, scalings)[-1]
+        if pack is None:
+            m, s = params
+            scalings = get_param_scalings(m, input, skip_model=s, param_type=param_type)
+            prediction = feedforward(m, input, s, scalings)[-1]
+        else:  # long runs of identical layers stacked (see `jpc.set_layer_stacking`)
+            prediction = _packed.feedforward(pack(params), input)[-1]
         check_output(output, prediction, "output")
         return LOSS_FNS[loss_id](prediction, output)
 
-    params = (model, skip_model)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
     updated, opt_state = optax_update(params, grads, optim, opt_state, loss, loss_fn)
     model, skip_model = _check_bp_step(updated, loss, output, input)

@@ -59,6 +59,9 @@ def steps(model, generator):
         "make_pc_step (stacked)": lambda m, s, x, y: jpc.make_pc_step(
             m[0], optim, s, y, input=x, skip_model=m[1], param_type="mupc", **discrete
         ),
+        "make_bp_step (stacked)": lambda m, s, x, y: jpc.make_bp_step(
+            m[0], optim, s, y, input=x, skip_model=m[1], param_type="mupc"
+        ),
     }
     if hasattr(jpc, "make_ipc_step"):
         out["make_ipc_step"] = lambda m, s, x, y: jpc.make_ipc_step(
@@ -159,7 +162,7 @@ def main(names: list[str]) -> int:
         m, s = (model, state)
         if name == "make_hpc_step":
             m, s = (generator, model), hpc_state
-        if name == "make_pc_step (stacked)":
+        if name.endswith("(stacked)"):
             m, s = deep, deep_state
         single = fn(m, s, x, y)
         sharded = fn(jpc.replicate(m, mesh), jpc.replicate(s, mesh), x_sh, y_sh)

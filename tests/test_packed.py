@@ -83,7 +83,7 @@ def test_runs_and_layout():
     assert_close(_packed.unpack(net, acts), expected)
     # too short a run, or a broken one, is not stacked
     short, short_skips, x4, _ = problem(skip=True, depth=4)
-    assert packer((short, short_skips), x4, "mupc", None, optax.sgd(0.1), None) is None
+    assert packer((short, short_skips), x4, "mupc", None) is None
     skips[3] = None
     assert _packed.find_runs(model, skips, scalings) == {}
 
@@ -161,7 +161,7 @@ def test_pc_step_equals_unrolled(param_type, skip, options):
     optim = optax.adam(1e-2)
     state = optim.init((eqx.filter(model, eqx.is_array), skips))
     activity_optim = optax.adam(0.05)
-    assert packer((model, skips), x, param_type, None, activity_optim, None)
+    assert packer((model, skips), x, param_type, None)
 
     def step():
         out = jpc.make_pc_step(
@@ -181,6 +181,31 @@ def test_pc_step_equals_unrolled(param_type, skip, options):
     stacked = step()
     assert_close(stacked, unrolled(step))
     assert stacked["activities"][0].shape[1:] == (BATCH, WIDTH)
+
+
+@pytest.mark.parametrize("param_type,skip", [("mupc", True), ("sp", False)])
+def test_bp_step_equals_unrolled(param_type, skip):
+    model, skips, x, y = problem(skip)
+    optim = optax.adam(1e-2)
+    state = optim.init((eqx.filter(model, eqx.is_array), skips))
+    traced = []
+    original = _packed.feedforward
+
+    def spy(*args):
+        traced.append(1)
+        return original(*args)
+
+    def step():
+        out = jpc.make_bp_step(
+            model, optim, state, y, input=x, skip_model=skips, param_type=param_type
+        )
+        return arrays(out)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_packed, "feedforward", spy)
+        stacked = step()
+    assert traced  # the run was stacked
+    assert_close(stacked, unrolled(step))
 
 
 def test_layer_learning_equals_unrolled():
