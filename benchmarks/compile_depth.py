@@ -8,7 +8,8 @@
 A μPC residual MLP (width 64, ReLU, identity skips, batch 32): for each depth,
 the first call (trace + compile + one run) and the median steady-state call of
 `jpc.make_pc_step` (discrete inference, `optax.sgd(0.1)` on the activities, 20
-steps) and of `jpc.make_bp_step`, with the hidden layers and their activities
+steps), of `jpc.make_bp_step` (never stacked) and of `jpc.test_discriminative_pc`
+("eval", the feedforward prediction), with the hidden layers and their activities
 held stacked for the whole step ("stacked", `jpc.set_layer_stacking`, here
 for runs of any length), traced as one `jax.lax.scan` at each evaluation of the energy
 ("scan", `jpc._stacked`) and unrolled layer by layer ("unrolled"). Each
@@ -69,14 +70,16 @@ def _problem(depth: int, optimiser: str = "adam"):
 
 
 def paired(depth: int, rounds: int) -> dict:
-    """Step time, stacked over unrolled, of `make_pc_step` and of `make_bp_step`,
-    each pair in this process.
+    """Time per call, stacked over unrolled, of `make_pc_step` and of
+    `test_discriminative_pc` ("eval"), each pair in this process.
 
     Each program is compiled under its own path (with its own optimiser objects,
-    so that the two are separate compiled programs), then
+    or `gamma` given as a float and as an array, so that the two are separate
+    compiled programs), then
     `benchmarks.run.time_interleaved` alternates the two in rounds of about 0.2 s
     and gives the median over rounds of the per-round ratio (wall and process
-    CPU time). Also the largest difference between the updated weights.
+    CPU time). Also the largest difference between the outputs (the updated
+    weights; the loss and accuracy).
     """
     import equinox as eqx
     import jax
@@ -89,7 +92,7 @@ def paired(depth: int, rounds: int) -> dict:
     model, skip_model, x, y, _, state = _problem(depth)
     common = dict(input=x, skip_model=skip_model, param_type="mupc")
     result = {}
-    for name in ("pc", "bp"):
+    for name in ("pc", "eval"):
         impls, weights = {}, {}
         for path in ("unrolled", "stacked"):
             _set_path(path)
@@ -99,18 +102,21 @@ def paired(depth: int, rounds: int) -> dict:
 
                 def call(s, optim=optim, kw=kw):
                     return jpc.make_pc_step(model, optim, s, y, **kw, **common)
+
+                out = call(state)
+                weights[path] = [eqx.filter(out["model"], eqx.is_array)]
+                impls[path] = (lambda s, call=call: (s, call(s)["opt_state"]), state)
             else:
+                # A float for one, an array for the other: two compiled programs.
+                gamma = 1.0 if path == "unrolled" else jnp.asarray(1.0)
 
-                def call(s, optim=optim):
-                    return jpc.make_bp_step(model, optim, s, y, **common)
+                def call(s, gamma=gamma):
+                    return jpc.test_discriminative_pc(model, y, gamma=gamma, **common)
 
-            out = call(state)
-            weights[path] = jax.tree.leaves(eqx.filter(out["model"], eqx.is_array))
-            impls[path] = (lambda s, call=call: (s, call(s)["opt_state"]), state)
-        diff = max(
-            float(jnp.max(jnp.abs(a - b)))
-            for a, b in zip(weights["stacked"], weights["unrolled"])
-        )
+                weights[path] = list(call(state))
+                impls[path] = (lambda s, call=call: (s, call(s)), state)
+        pairs = zip(*(jax.tree.leaves(weights[p]) for p in ("stacked", "unrolled")))
+        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
         out = time_interleaved(impls, rounds, target=0.2)["stacked"]
         result[name] = dict(
             wall=out["paired_ratio"], cpu=out["paired_cpu_ratio"], diff=diff
@@ -140,6 +146,7 @@ def measure(depth: int, path: str, steps: int, optimiser: str = "adam") -> dict:
             **common,
         )["model"],
         "bp": lambda: jpc.make_bp_step(model, optim, state, y, **common)["model"],
+        "eval": lambda: jpc.test_discriminative_pc(model, y, **common),
     }
     durations = compile_durations()
     result = {}

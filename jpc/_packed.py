@@ -36,14 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._jit import forget_compiled
-from ._layers import predict, skip_at
+from ._layers import get_param_scalings, predict, skip_at
 from ._stacked import _body, _fits, _signature, _stack, runs_of
 from ._types import Array
 from ._utils import LOSS_FNS
 
 
 # Read at trace time (see `set_layer_stacking`): the shortest run of identical
-# layers that `make_pc_step` (discrete inference) and `make_bp_step` hold stacked.
+# layers that the training steps and evaluation functions hold stacked.
 MIN_RUN: int | None = 64
 ALWAYS = 4  # the shortest run the tests and benchmarks stack
 
@@ -53,8 +53,9 @@ def set_layer_stacking(min_layers: int | None) -> int | None:
 
     In a training step of [`jpc.make_pc_step`][] with discrete inference
     (`activity_optim` and `n_inference_steps`), supervised and without
-    `nudging`, and of [`jpc.make_bp_step`][], each run of at least `min_layers`
-    consecutive layers of one
+    `nudging`, and in the feedforward prediction of
+    [`jpc.test_discriminative_pc`][] and [`jpc.test_generative_pc`][], each run of
+    at least `min_layers` consecutive layers of one
     structure (the hidden blocks of [`jpc.make_mlp`][], with or without the skips
     of [`jpc.make_skip_model`][], in any parameterisation) is held as one stack
     of parameters, and its activities as one array, from the feedforward pass to
@@ -236,6 +237,23 @@ def pack_network(model, skip_model, scalings, x: Array) -> PackedNetwork | None:
         entries.append(Run(dynamic, scales, static, const, i, stop))
         i = stop
     return PackedNetwork(entries, len(model))
+
+
+def packer(params, input, param_type, gamma):
+    """`(model, skip_model) ->` the network with its long runs of identical layers
+    stacked (see [`set_layer_stacking`][]), or `None` if it has none (or is
+    unsupervised, `input=None`) and every layer stays apart."""
+    if input is None:
+        return None
+
+    def pack(p):
+        model, skip_model = p
+        scalings = get_param_scalings(
+            model, input, skip_model=skip_model, param_type=param_type, gamma=gamma
+        )
+        return pack_network(model, skip_model, scalings, input)
+
+    return pack if pack(params) is not None else None
 
 
 def feedforward(net: PackedNetwork, x: Array) -> list[Array]:

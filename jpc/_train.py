@@ -306,23 +306,6 @@ def _norms(requested: bool, tree, like=None) -> Array | None:
     return leaf_norms(tree, like) if requested and tree is not None else None
 
 
-def packer(params, input, param_type, gamma):
-    """`(model, skip_model) ->` the network with its long runs of identical layers
-    stacked (`jpc._packed`, see [`jpc.set_layer_stacking`][]), or `None` if it
-    has none (or is unsupervised) and every layer stays apart."""
-    if input is None:
-        return None
-
-    def pack(p):
-        model, skip_model = p
-        scalings = get_param_scalings(
-            model, input, skip_model=skip_model, param_type=param_type, gamma=gamma
-        )
-        return _packed.pack_network(model, skip_model, scalings, input)
-
-    return pack if pack(params) is not None else None
-
-
 @traced_floats(*ENERGY_FLOATS, "sigma", "beta", "activity_lr", *STOP_FLOATS)
 @deferred_checks  # a failed check is raised at the next call by default
 def make_pc_step(
@@ -470,7 +453,7 @@ def make_pc_step(
     )
     pack = None  # discrete inference only: the ODE stop works per layer
     if activity_optim is not None and nudging is None:
-        pack = packer(params, input, param_type, gamma)
+        pack = _packed.packer(params, input, param_type, gamma)
     net = None if pack is None else pack(params)
     if net is not None:
         # Runs of identical layers held stacked for the whole step (`jpc._packed`).
@@ -619,9 +602,7 @@ def make_bp_step(
     """One backprop step on the same list-of-layers model (the baseline).
 
     The forward pass uses the same scalings and skips as PC; the loss is
-    [`jpc.mse_loss`][] or [`jpc.cross_entropy_loss`][] of its prediction. A long
-    run of identical hidden layers is traced as one stack (see
-    [`jpc.set_layer_stacking`][]).
+    [`jpc.mse_loss`][] or [`jpc.cross_entropy_loss`][] of its prediction.
 
     **Arguments:**
 
@@ -648,19 +629,14 @@ def make_bp_step(
     check_opt_state(optim, opt_state, (model, skip_model))
     check_batch(output, input, [], y_name="output", x_name="input")
 
-    params = (model, skip_model)
-    pack = packer(params, input, param_type, None)
-
     def loss_fn(params):
-        if pack is None:
-            m, s = params
-            scalings = get_param_scalings(m, input, skip_model=s, param_type=param_type)
-            prediction = feedforward(m, input, s, scalings)[-1]
-        else:  # long runs of identical layers stacked (see `jpc.set_layer_stacking`)
-            prediction = _packed.feedforward(pack(params), input)[-1]
+        m, s = params
+        scalings = get_param_scalings(m, input, skip_model=s, param_type=param_type)
+        prediction = feedforward(m, input, s, scalings)[-1]
         check_output(output, prediction, "output")
         return LOSS_FNS[loss_id](prediction, output)
 
+    params = (model, skip_model)
     loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
     updated, opt_state = optax_update(params, grads, optim, opt_state, loss, loss_fn)
     model, skip_model = _check_bp_step(updated, loss, output, input)

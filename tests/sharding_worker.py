@@ -59,9 +59,6 @@ def steps(model, generator):
         "make_pc_step (stacked)": lambda m, s, x, y: jpc.make_pc_step(
             m[0], optim, s, y, input=x, skip_model=m[1], param_type="mupc", **discrete
         ),
-        "make_bp_step (stacked)": lambda m, s, x, y: jpc.make_bp_step(
-            m[0], optim, s, y, input=x, skip_model=m[1], param_type="mupc"
-        ),
     }
     if hasattr(jpc, "make_ipc_step"):
         out["make_ipc_step"] = lambda m, s, x, y: jpc.make_ipc_step(

@@ -14,7 +14,7 @@ import pytest
 import jpc
 from jpc import _packed, _stacked
 from jpc._layers import get_param_scalings
-from jpc._train import packer
+from jpc._packed import packer
 
 
 DEPTH, WIDTH, D_IN, D_OUT, BATCH = 8, 8, 5, 3, 4
@@ -183,11 +183,11 @@ def test_pc_step_equals_unrolled(param_type, skip, options):
     assert stacked["activities"][0].shape[1:] == (BATCH, WIDTH)
 
 
-@pytest.mark.parametrize("param_type,skip", [("mupc", True), ("sp", False)])
-def test_bp_step_equals_unrolled(param_type, skip):
-    model, skips, x, y = problem(skip)
-    optim = optax.adam(1e-2)
-    state = optim.init((eqx.filter(model, eqx.is_array), skips))
+def test_evaluation_equals_unrolled():
+    """`jpc.test_discriminative_pc` stacks the run too: loss and accuracy of the
+    feedforward prediction as layer by layer."""
+    model, skips, x, y = problem(skip=True)
+    labels = jax.nn.one_hot(jnp.argmax(y, axis=1), D_OUT)
     traced = []
     original = _packed.feedforward
 
@@ -195,17 +195,16 @@ def test_bp_step_equals_unrolled(param_type, skip):
         traced.append(1)
         return original(*args)
 
-    def step():
-        out = jpc.make_bp_step(
-            model, optim, state, y, input=x, skip_model=skips, param_type=param_type
+    def evaluate():
+        return jpc.test_discriminative_pc(
+            model, labels, x, skip_model=skips, param_type="mupc", gamma=2.0
         )
-        return arrays(out)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_packed, "feedforward", spy)
-        stacked = step()
-    assert traced  # the run was stacked
-    assert_close(stacked, unrolled(step))
+        stacked = evaluate()
+    assert traced
+    assert_close(stacked, unrolled(evaluate))
 
 
 def test_layer_learning_equals_unrolled():
