@@ -8,11 +8,11 @@
 A μPC residual MLP (width 64, ReLU, identity skips, batch 32): for each depth,
 the first call (trace + compile + one run) and the median steady-state call of
 `jpc.make_pc_step` (discrete inference, `optax.sgd(0.1)` on the activities, 20
-steps), of `jpc.make_bp_step` (never stacked) and of `jpc.test_discriminative_pc`
-("eval", the feedforward prediction), with the hidden layers and their activities
-held stacked for the whole step ("stacked", `jpc.set_layer_stacking`, here
-for runs of any length), traced as one `jax.lax.scan` at each evaluation of the energy
-("scan", `jpc._stacked`) and unrolled layer by layer ("unrolled"). Each
+steps) and of `jpc.make_bp_step` (which is never stacked), with the hidden layers
+and their activities held stacked for the whole step ("stacked",
+`jpc.set_layer_stacking`, here for runs of any length), traced as one
+`jax.lax.scan` at each evaluation of the energy ("scan", `jpc._stacked`) and
+unrolled layer by layer ("unrolled"). Each
 (depth, path) pair runs in a fresh process, so no compiled program is reused
 and both the wall time and the process CPU time of the first call are reported,
 with the first call split by `jax.monitoring` into tracing (`jaxpr_trace`),
@@ -70,16 +70,13 @@ def _problem(depth: int, optimiser: str = "adam"):
 
 
 def paired(depth: int, rounds: int) -> dict:
-    """Time per call, stacked over unrolled, of `make_pc_step` and of
-    `test_discriminative_pc` ("eval"), each pair in this process.
+    """`make_pc_step`'s step time, stacked over unrolled, both in this process.
 
     Each program is compiled under its own path (with its own optimiser objects,
-    or `gamma` given as a float and as an array, so that the two are separate
-    compiled programs), then
+    so that the two are separate compiled programs), then
     `benchmarks.run.time_interleaved` alternates the two in rounds of about 0.2 s
     and gives the median over rounds of the per-round ratio (wall and process
-    CPU time). Also the largest difference between the outputs (the updated
-    weights; the loss and accuracy).
+    CPU time). Also the largest difference between the updated weights.
     """
     import equinox as eqx
     import jax
@@ -91,37 +88,23 @@ def paired(depth: int, rounds: int) -> dict:
 
     model, skip_model, x, y, _, state = _problem(depth)
     common = dict(input=x, skip_model=skip_model, param_type="mupc")
-    result = {}
-    for name in ("pc", "eval"):
-        impls, weights = {}, {}
-        for path in ("unrolled", "stacked"):
-            _set_path(path)
-            optim, activity_optim = optax.adam(1e-3), optax.sgd(0.1)
-            if name == "pc":
-                kw = dict(activity_optim=activity_optim, n_inference_steps=20)
+    impls, weights = {}, {}
+    for path in ("unrolled", "stacked"):
+        _set_path(path)
+        optim, activity_optim = optax.adam(1e-3), optax.sgd(0.1)
+        kw = dict(activity_optim=activity_optim, n_inference_steps=20)
 
-                def call(s, optim=optim, kw=kw):
-                    return jpc.make_pc_step(model, optim, s, y, **kw, **common)
+        def call(s, optim=optim, kw=kw):
+            return jpc.make_pc_step(model, optim, s, y, **kw, **common)
 
-                out = call(state)
-                weights[path] = [eqx.filter(out["model"], eqx.is_array)]
-                impls[path] = (lambda s, call=call: (s, call(s)["opt_state"]), state)
-            else:
-                # A float for one, an array for the other: two compiled programs.
-                gamma = 1.0 if path == "unrolled" else jnp.asarray(1.0)
-
-                def call(s, gamma=gamma):
-                    return jpc.test_discriminative_pc(model, y, gamma=gamma, **common)
-
-                weights[path] = list(call(state))
-                impls[path] = (lambda s, call=call: (s, call(s)), state)
-        pairs = zip(*(jax.tree.leaves(weights[p]) for p in ("stacked", "unrolled")))
-        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
-        out = time_interleaved(impls, rounds, target=0.2)["stacked"]
-        result[name] = dict(
-            wall=out["paired_ratio"], cpu=out["paired_cpu_ratio"], diff=diff
-        )
-    return result
+        out = call(state)
+        weights[path] = jax.tree.leaves(eqx.filter(out["model"], eqx.is_array))
+        impls[path] = (lambda s, call=call: (s, call(s)["opt_state"]), state)
+    pairs = zip(weights["stacked"], weights["unrolled"])
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in pairs)
+    out = time_interleaved(impls, rounds, target=0.2)["stacked"]
+    ratios = dict(wall=out["paired_ratio"], cpu=out["paired_cpu_ratio"])
+    return {"pc": ratios | {"diff": diff}}
 
 
 def measure(depth: int, path: str, steps: int, optimiser: str = "adam") -> dict:
@@ -146,7 +129,6 @@ def measure(depth: int, path: str, steps: int, optimiser: str = "adam") -> dict:
             **common,
         )["model"],
         "bp": lambda: jpc.make_bp_step(model, optim, state, y, **common)["model"],
-        "eval": lambda: jpc.test_discriminative_pc(model, y, **common),
     }
     durations = compile_durations()
     result = {}

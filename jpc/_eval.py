@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from . import _packed
 from ._checks import (
     LOSSES,
     check_batch,
@@ -111,9 +110,6 @@ def _feedforward_prediction(model, input, skip_model, param_type, gamma=None):
     scalings = get_param_scalings(
         model, input, skip_model=skip_model, param_type=param_type, gamma=gamma
     )
-    net = _packed.pack_network(model, skip_model, scalings, input)
-    if net is not None:  # long runs of identical layers (`jpc.set_layer_stacking`)
-        return _packed.feedforward(net, input)[-1]
     return feedforward(model, input, skip_model, scalings)[-1]
 
 

@@ -43,7 +43,7 @@ from ._utils import LOSS_FNS
 
 
 # Read at trace time (see `set_layer_stacking`): the shortest run of identical
-# layers that the training steps and evaluation functions hold stacked.
+# layers that `make_pc_step` with discrete inference holds stacked.
 MIN_RUN: int | None = 64
 ALWAYS = 4  # the shortest run the tests and benchmarks stack
 
@@ -53,9 +53,7 @@ def set_layer_stacking(min_layers: int | None) -> int | None:
 
     In a training step of [`jpc.make_pc_step`][] with discrete inference
     (`activity_optim` and `n_inference_steps`), supervised and without
-    `nudging`, and in the feedforward prediction of
-    [`jpc.test_discriminative_pc`][] and [`jpc.test_generative_pc`][], each run of
-    at least `min_layers` consecutive layers of one
+    `nudging`, each run of at least `min_layers` consecutive layers of one
     structure (the hidden blocks of [`jpc.make_mlp`][], with or without the skips
     of [`jpc.make_skip_model`][], in any parameterisation) is held as one stack
     of parameters, and its activities as one array, from the feedforward pass to
@@ -72,9 +70,9 @@ def set_layer_stacking(min_layers: int | None) -> int | None:
     detected when the step is traced and keeps the layers apart.
 
     Measured on a 2-core CPU with a μPC residual MLP of width 64 (see the
-    performance page): at 128 layers the first call took 0.41–0.52× the
-    layer-by-layer program's and the step was as fast; at 16 to 32 layers the
-    step was up to 1.3× slower in wall time (the layer-by-layer program runs
+    performance page): at 128 layers the first call took 0.45–0.61× the
+    layer-by-layer program's and the step was as fast; at 16 to 64 layers the
+    step was up to 1.2× slower in wall time (the layer-by-layer program runs
     independent layers on both cores at once), hence the default of 64. On an
     accelerator shorter runs may pay off too (not measured).
 

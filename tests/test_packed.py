@@ -110,7 +110,10 @@ def test_split_and_stack():
     assert " while(" in program
 
 
-@pytest.mark.parametrize("param_type,skip", [("mupc", True), ("sp", False)])
+@pytest.mark.parametrize(
+    "param_type,skip",
+    [("mupc", True), pytest.param("sp", False, marks=pytest.mark.slow)],
+)
 def test_energies_equal_unrolled(param_type, skip):
     """The stacked energies and activity gradients at a perturbed state equal
     `jpc.pc_energy_fn` and `jpc.compute_pc_activity_grad` on the list."""
@@ -154,8 +157,17 @@ OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", list(OPTIONS))
-@pytest.mark.parametrize("param_type,skip", [("mupc", True), ("sp", False)])
+# one case in the default run, the others slow
+STEP_CASES = [
+    (pt, skip, options)
+    if (pt, options) == ("mupc", "metrics")
+    else pytest.param(pt, skip, options, marks=pytest.mark.slow)
+    for pt, skip in (("mupc", True), ("sp", False))
+    for options in OPTIONS
+]
+
+
+@pytest.mark.parametrize("param_type,skip,options", STEP_CASES)
 def test_pc_step_equals_unrolled(param_type, skip, options):
     model, skips, x, y = problem(skip)
     optim = optax.adam(1e-2)
@@ -183,30 +195,7 @@ def test_pc_step_equals_unrolled(param_type, skip, options):
     assert stacked["activities"][0].shape[1:] == (BATCH, WIDTH)
 
 
-def test_evaluation_equals_unrolled():
-    """`jpc.test_discriminative_pc` stacks the run too: loss and accuracy of the
-    feedforward prediction as layer by layer."""
-    model, skips, x, y = problem(skip=True)
-    labels = jax.nn.one_hot(jnp.argmax(y, axis=1), D_OUT)
-    traced = []
-    original = _packed.feedforward
-
-    def spy(*args):
-        traced.append(1)
-        return original(*args)
-
-    def evaluate():
-        return jpc.test_discriminative_pc(
-            model, labels, x, skip_model=skips, param_type="mupc", gamma=2.0
-        )
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_packed, "feedforward", spy)
-        stacked = evaluate()
-    assert traced
-    assert_close(stacked, unrolled(evaluate))
-
-
+@pytest.mark.slow
 def test_layer_learning_equals_unrolled():
     model, skips, x, y = problem(skip=True)
     optim = optax.sgd(1e-2)
@@ -235,9 +224,17 @@ def test_layer_learning_equals_unrolled():
     "activity_optim,elementwise",
     [
         (optax.sgd(0.1, momentum=0.9), True),
-        (optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)), True),
+        pytest.param(
+            optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1)),
+            True,
+            marks=pytest.mark.slow,
+        ),
         (optax.lars(0.1), False),  # a trust ratio per array
-        (optax.adafactor(0.1, min_dim_size_to_factor=4), False),  # factored
+        pytest.param(  # factored
+            optax.adafactor(0.1, min_dim_size_to_factor=4),
+            False,
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_elementwise_probe_and_fallback(activity_optim, elementwise):
