@@ -111,13 +111,13 @@ def check_energy_inputs(
     loss_name, y_name, x_name = ("loss", "y", "x") if names is None else names
     check_option(loss_name, loss, LOSSES)
     check_option("param_type", param_type, ("sp", "mupc", "ntp"))
-    if isinstance(params[0], _packed.PackedNetwork):
-        return  # stacked inside a training step, from checked inputs
     if not isinstance(params, (tuple, list)) or len(params) != 2:
         raise TypeError(
             "`params` must be the pair `(model, skip_model)`, got "
             f"{type(params).__name__}."
         )
+    if isinstance(params[0], _packed.PackedNetwork):
+        return  # stacked inside a training step, from checked inputs
     model, skip_model = params
     check_model(model, skip_model)
     check_activities(model, activities, supervised=x is not None)
@@ -406,8 +406,5 @@ def pc_energy_fn(
         reg = regulariser(
             params[0], free, weight_decay, spectral_penalty, activity_decay
         )
-    return (
-        jnp.sum(energies) + reg
-        if isinstance(energies, jax.Array)
-        else sum(energies) + reg
-    )
+    total = jnp.sum(energies) if isinstance(energies, jax.Array) else sum(energies)
+    return total + reg

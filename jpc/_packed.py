@@ -275,7 +275,7 @@ def layer_energies(
     loss: str,
     output_energy_scaling: Any,
     kappas: list,
-) -> list[Array]:
+) -> Array:
     """Energies `[E_1, ..., E_L]` of each layer as one `(L,)` array, as
     `jpc._energies.layer_energies`; `kappas` are the hidden terms' precisions
     (`None` where 1)."""

@@ -471,7 +471,6 @@ def make_pc_step(
             gamma,
             (key, layer_sizes, batch_size, sigma),
         )
-    if net is None:
         check_energy_inputs(
             params, activities, output, input, loss_id, param_type, NAMES
         )
