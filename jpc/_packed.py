@@ -237,12 +237,13 @@ def pack_network(model, skip_model, scalings, x: Array) -> PackedNetwork | None:
     return PackedNetwork(entries, len(model))
 
 
-def packer(params, input, param_type, gamma):
-    """`(model, skip_model) ->` the network with its long runs of identical layers
-    stacked (see [`set_layer_stacking`][]), or `None` if it has none (or is
+def packer(params, input, param_type, gamma) -> tuple:
+    """`(pack, net)`: `pack` maps `(model, skip_model)` to the network with its long
+    runs of identical layers stacked (see [`set_layer_stacking`][]) and `net` is
+    `pack(params)`; `(None, None)` if the network has no such run (or is
     unsupervised, `input=None`) and every layer stays apart."""
     if input is None:
-        return None
+        return None, None
 
     def pack(p):
         model, skip_model = p
@@ -251,7 +252,8 @@ def packer(params, input, param_type, gamma):
         )
         return pack_network(model, skip_model, scalings, input)
 
-    return pack if pack(params) is not None else None
+    net = pack(params)
+    return (None, None) if net is None else (pack, net)
 
 
 def feedforward(net: PackedNetwork, x: Array) -> list[Array]:

@@ -451,10 +451,9 @@ def make_pc_step(
         output_energy_scaling,
         hidden_energy_scaling,
     )
-    pack = None  # discrete inference only: the ODE stop works per layer
+    pack = net = None  # discrete inference only: the ODE stop works per layer
     if activity_optim is not None and nudging is None:
-        pack = _packed.packer(params, input, param_type, gamma)
-    net = None if pack is None else pack(params)
+        pack, net = _packed.packer(params, input, param_type, gamma)
     if net is not None:
         # Runs of identical layers held stacked for the whole step (`jpc._packed`).
         activities = _packed.feedforward(net, input)

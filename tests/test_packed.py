@@ -58,6 +58,28 @@ def assert_close(a, b, rtol=1e-10, atol=1e-12):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
 
 
+def pc_step(problem, optim, activity_optim, **options):
+    """`make_pc_step` from the optimiser's initial state, as a function of no
+    arguments returning its array outputs (for `unrolled`)."""
+    model, skips, x, y = problem
+    state = optim.init((eqx.filter(model, eqx.is_array), skips))
+
+    def step():
+        out = jpc.make_pc_step(
+            model,
+            optim,
+            state,
+            y,
+            input=x,
+            skip_model=skips,
+            activity_optim=activity_optim,
+            **options,
+        )
+        return arrays(out)
+
+    return step
+
+
 def arrays(result: dict) -> dict:
     """The array outputs of a step (the models as their array leaves)."""
     out = dict(result)
@@ -83,7 +105,7 @@ def test_runs_and_layout():
     assert_close(_packed.unpack(net, acts), expected)
     # too short a run, or a broken one, is not stacked
     short, short_skips, x4, _ = problem(skip=True, depth=4)
-    assert packer((short, short_skips), x4, "mupc", None) is None
+    assert packer((short, short_skips), x4, "mupc", None) == (None, None)
     skips[3] = None
     assert _packed.find_runs(model, skips, scalings) == {}
 
@@ -170,26 +192,15 @@ STEP_CASES = [
 @pytest.mark.parametrize("param_type,skip,options", STEP_CASES)
 def test_pc_step_equals_unrolled(param_type, skip, options):
     model, skips, x, y = problem(skip)
-    optim = optax.adam(1e-2)
-    state = optim.init((eqx.filter(model, eqx.is_array), skips))
-    activity_optim = optax.adam(0.05)
-    assert packer((model, skips), x, param_type, None)
-
-    def step():
-        out = jpc.make_pc_step(
-            model,
-            optim,
-            state,
-            y,
-            input=x,
-            skip_model=skips,
-            param_type=param_type,
-            activity_optim=activity_optim,
-            n_inference_steps=5,
-            **OPTIONS[options],
-        )
-        return arrays(out)
-
+    assert packer((model, skips), x, param_type, None)[1] is not None
+    step = pc_step(
+        (model, skips, x, y),
+        optax.adam(1e-2),
+        optax.adam(0.05),
+        param_type=param_type,
+        n_inference_steps=5,
+        **OPTIONS[options],
+    )
     stacked = step()
     assert_close(stacked, unrolled(step))
     assert stacked["activities"][0].shape[1:] == (BATCH, WIDTH)
@@ -197,26 +208,14 @@ def test_pc_step_equals_unrolled(param_type, skip, options):
 
 @pytest.mark.slow
 def test_layer_learning_equals_unrolled():
-    model, skips, x, y = problem(skip=True)
-    optim = optax.sgd(1e-2)
-    state = optim.init((eqx.filter(model, eqx.is_array), skips))
-    activity_optim = optax.sgd(0.1)
-
-    def step():
-        out = jpc.make_pc_step(
-            model,
-            optim,
-            state,
-            y,
-            input=x,
-            skip_model=skips,
-            param_type="mupc",
-            activity_optim=activity_optim,
-            n_inference_steps=3,
-            layer_learning=True,
-        )
-        return arrays(out)
-
+    step = pc_step(
+        problem(skip=True),
+        optax.sgd(1e-2),
+        optax.sgd(0.1),
+        param_type="mupc",
+        n_inference_steps=3,
+        layer_learning=True,
+    )
     assert_close(step(), unrolled(step))
 
 
@@ -245,23 +244,13 @@ def test_elementwise_probe_and_fallback(activity_optim, elementwise):
     net = _packed.pack_network(model, skips, scalings, x)
     acts = _packed.feedforward(net, x)
     assert _packed.elementwise(activity_optim, net, acts) is elementwise
-    optim = optax.sgd(1e-2)
-    state = optim.init((eqx.filter(model, eqx.is_array), skips))
-
-    def step():
-        out = jpc.make_pc_step(
-            model,
-            optim,
-            state,
-            y,
-            input=x,
-            skip_model=skips,
-            param_type="mupc",
-            activity_optim=activity_optim,
-            n_inference_steps=4,
-        )
-        return arrays(out)
-
+    step = pc_step(
+        (model, skips, x, y),
+        optax.sgd(1e-2),
+        activity_optim,
+        param_type="mupc",
+        n_inference_steps=4,
+    )
     assert_close(step(), unrolled(step))
 
 
